@@ -1,0 +1,1 @@
+"""pdmesh engine: the model runtime shared by the prefill and decode roles."""

@@ -1,0 +1,182 @@
+"""Frozen, validated configuration for models and the engine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling; ``rope_type`` 'llama3' is the only kind supported."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        if self.rope_type != "llama3":
+            raise ValueError(f"unsupported rope scaling type {self.rope_type!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and vocabulary of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    #: Qwen2 has biases on the Q, K and V projections.
+    attention_bias: bool = False
+    rope_scaling: RopeScaling | None = None
+    #: Mistral-style local attention window in tokens, or None for full attention.
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.head_dim % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
+        """Builds from a Hugging Face ``config.json`` dict (transformers 4.x or 5.x keys)."""
+        model_type = hf.get("model_type", "llama")
+        heads = hf["num_attention_heads"]
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type not in (None, "default"):
+            scaling = RopeScaling(
+                rope_type=rope_type,
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope["low_freq_factor"]),
+                high_freq_factor=float(rope["high_freq_factor"]),
+                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+            )
+        sliding_window = hf.get("sliding_window")
+        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+            sliding_window = None
+        eos = hf.get("eos_token_id")
+        config_eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            architecture=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=model_type == "qwen2" or hf.get("attention_bias", False),
+            rope_scaling=scaling,
+            sliding_window=sliding_window,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(config_eos + eos_token_ids)),
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache geometry."""
+
+    #: Tokens per KV block.
+    block_size: int = 16
+    #: Number of KV blocks per worker; None sizes the cache from ``max_model_len`` and
+    #: ``SchedulerConfig.max_num_seqs`` (capped so CPU runs stay small).
+    num_blocks: int | None = None
+    #: Reuse full blocks whose token prefix is already cached (hash chain over token ids).
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching limits per iteration."""
+
+    #: Most sequences running at once.
+    max_num_seqs: int = 64
+    #: Token budget of one forward pass (decode tokens + prefill chunk tokens).
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0:
+            raise ValueError("max_num_seqs must be positive")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs; built from CLI flags and ``PDMESH_*`` variables."""
+
+    #: HF model directory or .gguf file; None means the default model (SmolLM2-135M-Instruct).
+    model: str | None = None
+    #: Weights and activations dtype: float32, bfloat16 or float16.
+    dtype: str = "float32"
+    device: str = field(default_factory=default_device)
+    #: Longest sequence (prompt + generated); None means the model's own limit.
+    max_model_len: int | None = None
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError("max_model_len must be positive")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> EngineConfig:
+        """Defaults, then ``PDMESH_MODEL`` / ``PDMESH_DTYPE`` / ``PDMESH_DEVICE``, then overrides
+        (None values in overrides are ignored)."""
+        values: dict[str, Any] = {}
+        for key in ("model", "dtype", "device"):
+            env = os.environ.get(f"PDMESH_{key.upper()}")
+            if env:
+                values[key] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,117 @@
+"""Owns the model and its paged KV cache on one device; turns a scheduled step into one
+forward pass and the next tokens."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionMetadata, PagedAttention
+from engine.config import EngineConfig, ModelConfig
+from engine.model_source import ModelSource
+from engine.models import MODEL_REGISTRY
+from engine.sampler import Sampler
+from engine.scheduler import ScheduledChunk
+from engine.sequence import TokenLogprob
+from engine.weights import iter_weights
+
+logger = logging.getLogger(__name__)
+
+# Without a configured block count, CPU caches hold this many blocks (or one longest sequence).
+CPU_DEFAULT_NUM_BLOCKS = 1024
+GPU_MEMORY_UTILIZATION = 0.85
+
+
+def build_model(config: ModelConfig, source: ModelSource, dtype: torch.dtype, device: str) -> nn.Module:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = MODEL_REGISTRY[config.architecture](config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.load_weights(iter_weights(source, config))
+    return model.eval()
+
+
+class ModelRunner:
+    def __init__(self, engine_config: EngineConfig, model_config: ModelConfig, source: ModelSource):
+        self.config = engine_config
+        self.model_config = model_config
+        self.device = torch.device(engine_config.device)
+        self.dtype = engine_config.torch_dtype
+        self.block_size = engine_config.cache.block_size
+        self.model = build_model(model_config, source, self.dtype, engine_config.device)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.num_blocks = self._decide_num_blocks()
+        self._allocate_kv_cache()
+        self.sampler = Sampler()
+
+    def _bytes_per_block(self) -> int:
+        layer = self.attention_layers[0]
+        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        return per_token * self.block_size * len(self.attention_layers)
+
+    def _decide_num_blocks(self) -> int:
+        configured = self.config.cache.num_blocks
+        if configured is not None:
+            return configured
+        longest = self.config.max_model_len or self.model_config.max_position_embeddings
+        one_sequence = -(-longest // self.block_size)
+        if self.device.type != "cuda":
+            return max(CPU_DEFAULT_NUM_BLOCKS, one_sequence)
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = free - (1 - GPU_MEMORY_UTILIZATION) * total
+        return max(one_sequence, int(budget // self._bytes_per_block()))
+
+    def _allocate_kv_cache(self) -> None:
+        for layer in self.attention_layers:
+            shape = (self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        cu_seqlens_q = [0]
+        for chunk in chunks:
+            seq, start, end = chunk.seq, chunk.start, chunk.end
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end))
+            seq_lens.append(end)
+            cu_seqlens_q.append(cu_seqlens_q[-1] + chunk.num_tokens)
+        max_blocks = max(len(c.seq.block_table) for c in chunks)
+        tables = [c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table)) for c in chunks]
+
+        def tensor(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        meta = AttentionMetadata(
+            slot_mapping=tensor(slots, torch.int64),
+            block_tables=tensor(tables, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            cu_seqlens_q=tensor(cu_seqlens_q, torch.int32),
+            is_decode=all(c.num_tokens == 1 for c in chunks),
+        )
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> list[tuple[int, TokenLogprob | None]]:
+        """Runs one forward pass over every chunk; returns the next token of each chunk that
+        completes its sequence's computed tokens (in chunk order)."""
+        input_ids, positions, meta = self._prepare(chunks)
+        hidden = self.model(input_ids, positions, meta)  # (num_tokens, hidden)
+        last_rows = [meta_end - 1 for meta_end in meta.cu_seqlens_q[1:].tolist()]
+        sampled = [i for i, c in enumerate(chunks) if c.completes]
+        if not sampled:
+            return []
+        rows = torch.tensor([last_rows[i] for i in sampled], device=self.device)
+        logits = self.model.compute_logits(hidden[rows])  # (num_sampled, vocab)
+        return self.sampler(logits, [chunks[i].seq for i in sampled])

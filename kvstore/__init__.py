@@ -1,0 +1,1 @@
+"""The shared paged KV store: block identity, index and data planes."""
