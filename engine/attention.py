@@ -63,12 +63,23 @@ class PagedAttention(nn.Module):
         )
         if meta.is_decode:
             out = ops.paged_decode_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                self.scale, self.sliding_window,
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                self.scale,
+                self.sliding_window,
             )
         else:
             out = ops.paged_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q,
-                meta.seq_lens, self.scale, self.sliding_window,
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables,
+                meta.cu_seqlens_q,
+                meta.seq_lens,
+                self.scale,
+                self.sliding_window,
             )
         return out.flatten(1)

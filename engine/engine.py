@@ -1,6 +1,6 @@
 """The engine core: requests in as token ids, token ids out, one ``step()`` at a time.
 
-    step():  schedule  ->  run the model  ->  append tokens, retire finished requests
+step():  schedule  ->  run the model  ->  append tokens, retire finished requests
 """
 
 from __future__ import annotations

@@ -109,4 +109,7 @@ def iter_gguf_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, to
             weight = unpermute_qk(weight, config.num_attention_heads)
         elif llama_rope and ".attn_k." in tensor.name:
             weight = unpermute_qk(weight, config.num_key_value_heads)
-        yield name, torch.from_numpy(np.array(weight, dtype=np.float32))  # copy: reader memory is read-only
+        yield (
+            name,
+            torch.from_numpy(np.array(weight, dtype=np.float32)),
+        )  # copy: reader memory is read-only

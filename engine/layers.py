@@ -21,7 +21,9 @@ def _param(*shape: int) -> nn.Parameter:
 
 def _copy_into(param: torch.Tensor, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
-        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != parameter {tuple(param.shape)}")
+        raise ValueError(
+            f"checkpoint shape {tuple(loaded.shape)} != parameter {tuple(param.shape)}"
+        )
     param.data.copy_(loaded)
 
 
@@ -42,7 +44,9 @@ class ColumnParallelLinear(nn.Module):
     def shard_rows(self, loaded: torch.Tensor, num_rows: int, shard: int) -> torch.Tensor:
         return loaded.narrow(0, shard * num_rows, num_rows)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
         rows = param.shape[0]
         _copy_into(param, self.shard_rows(loaded, rows, self.rank))
 
@@ -57,7 +61,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias)
         self.output_sizes = output_sizes
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
         rows = divide(self.output_sizes[shard_id], self.world)
         offset = sum(divide(size, self.world) for size in self.output_sizes[:shard_id])
         _copy_into(param.data.narrow(0, offset, rows), self.shard_rows(loaded, rows, self.rank))
@@ -78,7 +84,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         local_out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden_size, local_out * world, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
         q_rows = self.num_heads * self.head_dim
         kv_rows = self.num_kv_heads * self.head_dim
         if shard_id == "q":
@@ -103,7 +111,9 @@ class RowParallelLinear(nn.Module):
         self.weight = _param(output_size, divide(input_size, self.world))
         self.bias = _param(output_size) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
         if param.dim() == 2:
             cols = param.shape[1]
             loaded = loaded.narrow(1, self.rank * cols, cols)
@@ -125,7 +135,9 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.weight = _param(self.vocab_per_rank, hidden_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
         shard = loaded[self.vocab_start : self.vocab_start + self.vocab_per_rank]
         param.data.zero_()
         param.data[: shard.shape[0]].copy_(shard)

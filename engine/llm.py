@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Union, cast
 
 from engine.config import EngineConfig
 from engine.engine import Engine, StepOutput
@@ -43,6 +43,15 @@ def _is_token_ids(prompt: Prompt) -> bool:
     return isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and bool(prompt)
 
 
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (text or token ids) or several; a list of dicts is one chat."""
+    if isinstance(prompts, str) or _is_token_ids(prompts):  # type: ignore[arg-type]
+        return [cast(Prompt, prompts)]
+    if isinstance(prompts, list) and prompts and isinstance(prompts[0], dict):
+        return [cast(Prompt, prompts)]
+    return list(cast(Sequence[Prompt], prompts))
+
+
 class LLM:
     def __init__(self, config: EngineConfig | None = None, **overrides: Any) -> None:
         self.engine = Engine(config or EngineConfig.from_env(**overrides))
@@ -64,6 +73,11 @@ class LLM:
         )
         self._tracked[request_id] = _Tracked(RequestOutput(request_id, prompt_ids), stream)
         return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request early; its blocks are freed at once."""
+        self._tracked.pop(request_id, None)
+        return self.engine.abort(request_id)
 
     def step(self) -> list[tuple[RequestOutput, str]]:
         """One engine step; returns (output so far, new text) for each request that moved."""
@@ -98,8 +112,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Runs every prompt to completion as one continuously batched workload; outputs are
         returned in prompt order."""
-        prompt_list = [prompts] if isinstance(prompts, str) or _is_token_ids(prompts) else prompts
-        prompt_list = list(prompt_list)  # type: ignore[arg-type]
+        prompt_list = _as_prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             param_list = [params or SamplingParams()] * len(prompt_list)
         else:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
 
 from engine.attention import AttentionMetadata, PagedAttention
 from engine.config import EngineConfig, ModelConfig
 from engine.model_source import ModelSource
-from engine.models import MODEL_REGISTRY
+from engine.models import MODEL_REGISTRY, LlamaForCausalLM
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledChunk
 from engine.sequence import TokenLogprob
@@ -24,7 +23,9 @@ CPU_DEFAULT_NUM_BLOCKS = 1024
 GPU_MEMORY_UTILIZATION = 0.85
 
 
-def build_model(config: ModelConfig, source: ModelSource, dtype: torch.dtype, device: str) -> nn.Module:
+def build_model(
+    config: ModelConfig, source: ModelSource, dtype: torch.dtype, device: str
+) -> LlamaForCausalLM:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -73,7 +74,9 @@ class ModelRunner:
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
 
-    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _prepare(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -84,7 +87,10 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end))
+            slots.extend(
+                table[p // self.block_size] * self.block_size + p % self.block_size
+                for p in range(start, end)
+            )
             seq_lens.append(end)
             cu_seqlens_q.append(cu_seqlens_q[-1] + chunk.num_tokens)
         max_blocks = max(len(c.seq.block_table) for c in chunks)

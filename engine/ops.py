@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-from kernels import activation, paged_attention as attn, rms_norm as norm, rotary
+from kernels import activation, rotary
+from kernels import paged_attention as attn
+from kernels import rms_norm as norm
 
 
 def _use_triton(x: torch.Tensor) -> bool:

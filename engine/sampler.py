@@ -52,7 +52,9 @@ def sample_row(logits: torch.Tensor, generator: torch.Generator | None) -> int:
 def top_logprobs(logprobs: torch.Tensor, token_id: int, n: int) -> TokenLogprob:
     top = torch.topk(logprobs, n) if n > 0 else None
     alternatives = (
-        tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
+        tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        if top is not None
+        else ()
     )
     return TokenLogprob(token_id, float(logprobs[token_id]), alternatives)
 

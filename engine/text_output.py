@@ -34,7 +34,9 @@ class TextStream:
         stop: tuple[str, ...],
         skip_special_tokens: bool = True,
     ) -> TextStream:
-        detok = IncrementalDetokenizer.after_prompt(tokenizer, prompt_token_ids, skip_special_tokens)
+        detok = IncrementalDetokenizer.after_prompt(
+            tokenizer, prompt_token_ids, skip_special_tokens
+        )
         return cls(detok, stop)
 
     def add(self, new_token_ids: list[int], finished: bool) -> str:

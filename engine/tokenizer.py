@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -9,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from engine.model_source import ModelSource
-
 
 PROMPT_CONTEXT_TOKENS = 5
 
@@ -31,10 +31,8 @@ def load_tokenizer(source: ModelSource) -> Any:
     if (saved / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(str(saved))
     tokenizer = AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.path.name)
-    try:
+    with contextlib.suppress(OSError):  # a read-only home only costs the conversion next time
         tokenizer.save_pretrained(str(saved))
-    except OSError:
-        pass  # a read-only home only costs the conversion next time
     return tokenizer
 
 

@@ -11,11 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from engine.config import CacheConfig, EngineConfig  # noqa: E402
-from engine.llm import LLM  # noqa: E402
-from engine.model_source import default_model_path  # noqa: E402
+from engine.config import CacheConfig, EngineConfig
+from engine.llm import LLM
+from engine.model_source import default_model_path
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 

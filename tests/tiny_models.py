@@ -1,0 +1,91 @@
+"""Tiny random Llama-family checkpoints written by transformers itself (``save_pretrained``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_COMMON: dict[str, Any] = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    # Wider than the default init so the random logits have clear winners under greedy decoding.
+    initializer_range=0.2,
+    eos_token_id=None,
+    bos_token_id=None,
+)
+
+
+def tiny_config(kind: str) -> Any:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if kind == "llama3":
+        return LlamaConfig(
+            **TINY_COMMON,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            tie_word_embeddings=False,
+        )
+    if kind == "mistral":
+        return MistralConfig(**TINY_COMMON, sliding_window=None, tie_word_embeddings=False)
+    if kind == "mistral_window":
+        common = {**TINY_COMMON, "num_key_value_heads": 1}
+        return MistralConfig(**common, sliding_window=24, tie_word_embeddings=False)
+    if kind == "qwen2":
+        return Qwen2Config(**TINY_COMMON, tie_word_embeddings=True, use_sliding_window=False)
+    raise ValueError(kind)
+
+
+def save_tiny_model(kind: str, directory: Path, max_shard_size: str | None = None) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1234)
+    config = tiny_config(kind)
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if kind == "qwen2":  # HF initializes biases to zero; make the QKV bias path matter
+        for name, param in model.named_parameters():
+            if name.endswith("proj.bias"):
+                param.data.normal_(0, 0.5)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(directory), safe_serialization=True, **kwargs)
+    save_tiny_tokenizer(directory)
+    return directory
+
+
+def save_tiny_tokenizer(directory: Path, vocab_size: int = 512) -> None:
+    """A byte-level BPE trained on a few sentences, so the directory is a complete HF model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = ["the quick brown fox jumps over the lazy dog", "café 你好 🎉 naïve"] * 50
+    tokenizer.train_from_iterator(corpus, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|eos|>").save_pretrained(
+        str(directory)
+    )
+
+
+def load_hf(directory: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
