@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,6 +52,10 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.target:
+        from pdmesh.client import stream_generate
+
+        return stream_generate(args.target, args.prompt, args.chat, sampling_params_from(args))
     from engine.llm import LLM
 
     params = sampling_params_from(args)  # validate before loading the model
@@ -69,10 +74,50 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text offline, streamed to stdout")
     generate.add_argument("prompt")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt as a user message")
+    generate.add_argument("--target", help="HOST:PORT of a gateway (default: run offline)")
     add_engine_args(generate)
     add_sampling_args(generate)
     generate.set_defaults(func=cmd_generate)
+
+    up = commands.add_parser("up", help="run the whole mesh locally (gateway on --port)")
+    add_engine_args(up)
+    add_mesh_args(up)
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.set_defaults(func=cmd_up)
+
+    serve = commands.add_parser("serve", help="run one service (what a container runs)")
+    serve.add_argument("role", choices=["gateway", "prefill", "decode"])
+    add_engine_args(serve)
+    add_mesh_args(serve)
+    serve.add_argument("--prefill-addr", action="append", default=[], help="gateway: worker")
+    serve.add_argument("--decode-addr", action="append", default=[], help="gateway: worker")
+    serve.set_defaults(func=cmd_serve)
     return parser
+
+
+def add_mesh_args(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--host", default=env("PDMESH_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(env("PDMESH_PORT", "50051")))
+    parser.add_argument(
+        "--store",
+        default=env("PDMESH_STORE", "embedded"),
+        help="embedded | redis://HOST:PORT/DB | redis+shm://HOST:PORT/DB",
+    )
+    parser.add_argument("--store-capacity-blocks", type=int, default=8192)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from pdmesh.launch import run_up
+
+    return run_up(args, engine_config_from(args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pdmesh.launch import run_serve
+
+    return run_serve(args, engine_config_from(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

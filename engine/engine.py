@@ -13,11 +13,14 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError
+from engine.kv_transfer import KVTransfer
 from engine.model_runner import ModelRunner
 from engine.model_source import ModelSource, load_model_config, resolve_model
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from kvstore.base import KVStore
+from kvstore.block_hash import BlockHash
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class StepOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    #: Prefill role, on the request's end: store names of the prompt's blocks.
+    kv_hashes: list[BlockHash] | None = None
 
 
 def cache_namespace(source: ModelSource, config: ModelConfig, engine: EngineConfig) -> bytes:
@@ -41,7 +46,13 @@ def cache_namespace(source: ModelSource, config: ModelConfig, engine: EngineConf
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    """``kv_store`` connects the engine to the shared store: with ``publish_kv`` (the prefill
+    role) computed prompt blocks are published to it; requests added with ``kv_import`` (the
+    decode role) load their prompt's blocks from it."""
+
+    def __init__(
+        self, config: EngineConfig, kv_store: KVStore | None = None, publish_kv: bool = False
+    ) -> None:
         self.config = config
         self.source = resolve_model(config.model)
         self.model_config = load_model_config(self.source)
@@ -55,6 +66,10 @@ class Engine:
             config.cache.enable_prefix_caching,
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.kv = (
+            KVTransfer(kv_store, self.runner, self.block_manager.namespace) if kv_store else None
+        )
+        self.publish_kv = publish_kv and self.kv is not None
         self.requests: dict[str, Sequence] = {}
         self.generator = torch.Generator(device=config.device).manual_seed(config.seed)
 
@@ -64,16 +79,24 @@ class Engine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         request_id: str | None = None,
+        output_token_ids: list[int] | None = None,
+        kv_import: list[BlockHash] | None = None,
     ) -> str:
+        """Queues a request. A decode-role request continues after ``output_token_ids`` (its
+        first token) and names its prompt's blocks in the store with ``kv_import``."""
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._validate(prompt_token_ids, params)
+        if kv_import is not None:
+            self._validate_import(prompt_token_ids, kv_import)
         seq = Sequence(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             params=params,
             eos_token_ids=frozenset(self.model_config.eos_token_ids),
+            output_token_ids=list(output_token_ids or []),
+            kv_import=kv_import,
         )
         seq.generator = self._generator_for(params)
         self.requests[request_id] = seq
@@ -99,12 +122,19 @@ class Engine:
                 f"request needs {needed} KV blocks but the cache holds {self.runner.num_blocks}"
             )
 
+    def _validate_import(self, prompt_token_ids: list[int], kv_import: list[BlockHash]) -> None:
+        if self.kv is None:
+            raise InvalidRequestError("this engine has no KV store to import blocks from")
+        expected = self.block_manager.blocks_needed(len(prompt_token_ids))
+        if len(kv_import) != expected:
+            raise InvalidRequestError(
+                f"KV hand-off names {len(kv_import)} blocks; a {len(prompt_token_ids)}-token "
+                f"prompt has {expected}"
+            )
+
     def _generator_for(self, params: SamplingParams) -> torch.Generator | None:
-        if params.is_greedy:
-            return None
-        if params.seed is None:
-            return self.generator
-        return torch.Generator(device=self.config.device).manual_seed(params.seed)
+        """Unseeded sampling shares the engine's generator; seeded draws make their own."""
+        return None if params.is_greedy or params.seed is not None else self.generator
 
     def abort(self, request_id: str) -> bool:
         """Ends a request and frees its blocks; False if it is not (or no longer) known."""
@@ -124,21 +154,29 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        chunks = self.scheduler.schedule()
-        if not chunks:
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
             return []
-        sampled = iter(self.runner.execute(chunks))
+        for block_import in scheduled.imports:
+            assert self.kv is not None
+            self.kv.load(block_import)
+        sampled = iter(self.runner.execute(scheduled.chunks))
         outputs = []
-        for chunk in chunks:
+        for chunk in scheduled.chunks:
             seq = chunk.seq
             seq.num_computed_tokens = chunk.end
             self.block_manager.commit_computed(seq)
+            if self.publish_kv:
+                self.kv.publish_full(seq)  # type: ignore[union-attr]
             if not chunk.completes:
                 continue
             token_id, logprob = next(sampled)
             seq.append_token(token_id, logprob)
             reason = seq.check_stop()
+            kv_hashes = None
             if reason is not None:
+                if self.publish_kv:
+                    kv_hashes = self.kv.publish_prompt(seq)  # type: ignore[union-attr]
                 self._finish(seq, reason)
             outputs.append(
                 StepOutput(
@@ -148,6 +186,7 @@ class Engine:
                     finish_reason=reason,
                     num_prompt_tokens=len(seq.prompt_token_ids),
                     num_cached_tokens=seq.num_cached_tokens,
+                    kv_hashes=kv_hashes,
                 )
             )
         return outputs

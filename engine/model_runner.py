@@ -74,6 +74,33 @@ class ModelRunner:
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
 
+    def read_blocks(self, block_ids: list[int]) -> list[bytes]:
+        """Each block's K and V for every layer, (layers, 2, block_size, kv_heads, D), as bytes."""
+        index = torch.tensor(block_ids, device=self.device)
+        stacked = torch.stack(
+            [
+                torch.stack((a.k_cache[index], a.v_cache[index]), dim=1)
+                for a in self.attention_layers
+            ],
+            dim=1,
+        )  # (num_blocks, layers, 2, block_size, kv_heads, D)
+        raw = stacked.contiguous().view(torch.uint8).reshape(len(block_ids), -1).cpu()
+        return [bytes(row.numpy()) for row in raw]
+
+    def write_blocks(self, block_ids: list[int], data: list[bytes]) -> None:
+        layer = self.attention_layers[0]
+        shape = (len(self.attention_layers), 2, self.block_size, layer.num_kv_heads, layer.head_dim)
+        blocks = (
+            torch.stack([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data])
+            .view(self.dtype)
+            .view(len(block_ids), *shape)
+            .to(self.device)
+        )
+        index = torch.tensor(block_ids, device=self.device)
+        for i, attn in enumerate(self.attention_layers):
+            attn.k_cache[index] = blocks[:, i, 0]
+            attn.v_cache[index] = blocks[:, i, 1]
+
     def _prepare(
         self, chunks: list[ScheduledChunk]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

@@ -49,6 +49,15 @@ def sample_row(logits: torch.Tensor, generator: torch.Generator | None) -> int:
     return int((probs / noise).argmax())
 
 
+def draw_generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
+    """A seeded request's n-th token draws from a generator seeded by (seed, n), so the draw
+    is the same on whichever worker (prefill or decode) and in whichever batch it happens."""
+    if seq.params.seed is None:
+        return seq.generator
+    mixed = (seq.params.seed * 0x9E3779B97F4A7C15 + len(seq.output_token_ids)) % (1 << 63)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
 def top_logprobs(logprobs: torch.Tensor, token_id: int, n: int) -> TokenLogprob:
     top = torch.topk(logprobs, n) if n > 0 else None
     alternatives = (
@@ -82,7 +91,7 @@ class Sampler:
                     row_logits = truncate(
                         row_logits / params.temperature, params.top_k, params.top_p, params.min_p
                     )
-                    token_id = sample_row(row_logits, seq.generator)
+                    token_id = sample_row(row_logits, draw_generator(seq, logits.device))
             logprob = None
             if raw_logprobs is not None and params.logprobs is not None:
                 logprob = top_logprobs(raw_logprobs[row], token_id, params.logprobs)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.sequence import FinishReason, Sequence, SequenceStatus
+from kvstore.block_hash import BlockHash
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,21 @@ class ScheduledChunk:
         return self.end - self.start
 
 
+@dataclass(frozen=True)
+class BlockImport:
+    """Blocks of ``seq`` to fill from the shared store before the step runs."""
+
+    seq: Sequence
+    block_ids: list[int]
+    hashes: list[BlockHash]
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    imports: list[BlockImport]
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
         self.config = config
@@ -51,9 +67,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> list[ScheduledChunk]:
+    def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
+        imports: list[BlockImport] = []
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue  # preempted earlier in this loop
@@ -65,18 +82,35 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             hits = self.blocks.match_prefix(seq)
-            num_tokens = min(seq.num_uncomputed_tokens - len(hits) * self.blocks.block_size, budget)
+            num_tokens = seq.num_uncomputed_tokens - len(hits) * self.blocks.block_size
+            if seq.kv_import is None:
+                num_tokens = min(num_tokens, budget)
             if not self.blocks.can_allocate(seq, num_tokens, hits):
                 break  # first come, first served: later requests wait behind this one
             self.waiting.popleft()
             self.blocks.allocate(seq, num_tokens, hits)
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = seq.num_computed_tokens
+            if seq.kv_import is not None:
+                imports.append(self._import_prompt(seq, len(hits)))
+                num_tokens = seq.num_uncomputed_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chunks.append(ScheduledChunk.next_for(seq, num_tokens))
             budget -= num_tokens
-        return chunks
+        return SchedulerOutput(chunks, imports)
+
+    def _import_prompt(self, seq: Sequence, num_hit_blocks: int) -> BlockImport:
+        """The prompt's KV comes from the store (all blocks past local prefix hits); only the
+        tokens after the prompt are computed."""
+        assert seq.kv_import is not None
+        num_prompt_blocks = len(seq.kv_import)
+        seq.num_computed_tokens = len(seq.prompt_token_ids)
+        return BlockImport(
+            seq,
+            seq.block_table[num_hit_blocks:num_prompt_blocks],
+            seq.kv_import[num_hit_blocks:num_prompt_blocks],
+        )
 
     def _reserve_running(self, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for ``seq``'s next tokens, preempting the newest sequences if needed.
@@ -94,6 +128,7 @@ class Scheduler:
         self.blocks.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        seq.kv_import = None  # resume by recomputation: the store may have evicted the blocks
         self.waiting.appendleft(seq)  # resumes before anything that arrived after it
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:

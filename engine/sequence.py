@@ -53,6 +53,11 @@ class Sequence:
     #: Hashes of this sequence's full blocks, computed once and extended as it grows.
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_preemptions: int = 0
+    #: Decode role: store hashes of the prompt's blocks (the last may be partial), imported
+    #: instead of computed when the request is admitted.
+    kv_import: list[BlockHash] | None = None
+    #: Prefill role: leading full blocks already published to the store.
+    num_published_blocks: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None

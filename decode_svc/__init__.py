@@ -1,0 +1,1 @@
+"""gRPC service around an engine in the decode role."""

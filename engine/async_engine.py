@@ -1,0 +1,157 @@
+"""An engine's step loop on its own thread, driven from asyncio.
+
+gRPC servicers live on an event loop; the model runs synchronously. Requests and aborts
+cross into the engine thread as commands; step outputs cross back through
+``call_soon_threadsafe`` into one asyncio queue per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from engine.engine import Engine, StepOutput
+from engine.errors import PdmeshError
+from engine.sampling_params import SamplingParams
+from kvstore.block_hash import BlockHash
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05
+
+
+class EngineStepError(PdmeshError):
+    """The model step failed; every request in it was ended."""
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    num_running: int
+    num_waiting: int
+    outstanding_prefill_tokens: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_used_blocks: int
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[StepOutput | BaseException]
+
+    def push(self, item: StepOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, name: str = "engine") -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- asyncio side ------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        output_token_ids: list[int] | None = None,
+        kv_import: list[BlockHash] | None = None,
+    ) -> AsyncIterator[StepOutput]:
+        """Step outputs of one request until it finishes. Leaving early (cancellation, an
+        exception in the consumer) aborts the request and frees its blocks."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        finished = False
+
+        def add() -> None:
+            try:
+                self.engine.add_request(
+                    prompt_token_ids, params, request_id, output_token_ids, kv_import
+                )
+            except Exception as error:
+                stream.push(error)
+
+        self._submit(add)
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._submit(lambda: self.engine.abort(request_id))
+
+    def load(self) -> LoadStats:
+        """A snapshot read from another thread: counters only, no structure is mutated."""
+        scheduler = self.engine.scheduler
+        pending = list(scheduler.waiting) + list(scheduler.running)
+        allocator = self.engine.block_manager.allocator
+        return LoadStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            outstanding_prefill_tokens=sum(
+                max(0, len(s.prompt_token_ids) - s.num_computed_tokens) for s in pending
+            ),
+            num_free_blocks=allocator.num_free,
+            num_total_blocks=allocator.num_blocks,
+            num_used_blocks=allocator.num_used,
+        )
+
+    # -- engine thread -----------------------------------------------------------------------
+    def _submit(self, command: Callable[[], object]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_commands()
+            if not self.engine.has_unfinished:
+                self._wake.wait(IDLE_WAIT_S)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:
+                logger.exception("engine step failed")
+                self._fail_all(EngineStepError(f"engine step failed: {error}"))
+                continue
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    stream.push(output)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.push(error)

@@ -1,0 +1,264 @@
+"""The Generation servicer and the gateway core that drives one request through the mesh:
+
+validate -> prefill worker (first token, KV to the store) -> decode worker (stream)
+         -> detokenize, stop strings -> client; the store's pins are released at the end
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from engine.config import ModelConfig
+from engine.errors import InvalidRequestError
+from engine.text_output import TextStream
+from gateway.router import Router, Worker
+from gateway.validation import ValidRequest, prompt_ids_of, validate
+from kvstore.base import KVStore
+from pdmesh.convert import sampling_to_pb
+from pdmesh.v1 import generation_pb2 as gen_pb
+from pdmesh.v1 import generation_pb2_grpc as gen_grpc
+from pdmesh.v1 import worker_pb2 as worker_pb
+
+UNSPECIFIED = gen_pb.FINISH_REASON_UNSPECIFIED
+
+
+@dataclass
+class RequestClock:
+    start: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    last_token: float | None = None
+    num_tokens: int = 0
+
+    def tokens(self, count: int) -> None:
+        now = time.perf_counter()
+        self.first_token = self.first_token or now
+        self.last_token = now
+        self.num_tokens += count
+
+    def to_pb(self) -> gen_pb.Timings:
+        end = self.last_token or time.perf_counter()
+        first = self.first_token or end
+        per_token = (end - first) / (self.num_tokens - 1) if self.num_tokens > 1 else 0.0
+        return gen_pb.Timings(
+            time_to_first_token_ms=(first - self.start) * 1e3,
+            mean_time_per_output_token_ms=per_token * 1e3,
+            total_ms=(end - self.start) * 1e3,
+        )
+
+
+@dataclass
+class Running:
+    """A request in flight, for Abort and for the final usage report."""
+
+    request: ValidRequest
+    text: TextStream
+    clock: RequestClock = field(default_factory=RequestClock)
+    cached_tokens: int = 0
+    num_completion_tokens: int = 0
+    aborted: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class GatewayCore:
+    def __init__(
+        self,
+        tokenizer: Any,
+        model_config: ModelConfig,
+        max_model_len: int,
+        router: Router,
+        store: KVStore,
+        model_name: str,
+        block_size: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.max_model_len = max_model_len
+        self.router = router
+        self.store = store
+        self.model_name = model_name
+        self.block_size = block_size
+        self.running: dict[str, Running] = {}
+
+    async def generate(
+        self, message: gen_pb.GenerateRequest
+    ) -> AsyncIterator[gen_pb.GenerateResponse]:
+        request = validate(
+            message, self.tokenizer, self.model_config.vocab_size, self.max_model_len
+        )
+        if request.request_id in self.running:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running")
+        params = request.params
+        text = TextStream.for_request(
+            self.tokenizer, request.prompt_token_ids, params.stop, params.skip_special_tokens
+        )
+        state = Running(request, text)
+        self.running[request.request_id] = state
+        try:
+            async for response in self._run(state):
+                yield response
+        finally:
+            del self.running[request.request_id]
+            # Whatever happened, no pin of this request outlives it in the store.
+            await asyncio.to_thread(self.store.release, request.request_id)
+
+    async def _run(self, state: Running) -> AsyncIterator[gen_pb.GenerateResponse]:
+        request = state.request
+        prefill = await self._prefill(request)
+        state.cached_tokens = prefill.cached_tokens
+        reason = prefill.finish_reason
+        yield self._piece(
+            state,
+            [prefill.first_token_id],
+            [prefill.logprob] if prefill.HasField("logprob") else [],
+            reason,
+        )
+        if reason != UNSPECIFIED or state.text.stopped:
+            return
+        if state.aborted.is_set():
+            yield self._piece(state, [], [], gen_pb.FINISH_REASON_ABORT)
+            return
+        async for piece in self._decode(state, prefill):
+            yield piece
+
+    async def _prefill(self, request: ValidRequest) -> worker_pb.PrefillResponse:
+        """One retry on another worker when a prefill worker is gone."""
+        tried: set[Worker] = set()
+        message = worker_pb.PrefillRequest(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            sampling=sampling_to_pb(request.params),
+        )
+        while True:
+            worker = self.router.pick_prefill(tried)
+            worker.outstanding_prefill_tokens += len(request.prompt_token_ids)
+            worker.in_flight += 1
+            try:
+                return await worker.stub.Prefill(message)  # type: ignore[no-any-return]
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or len(tried) >= 1:
+                    raise
+                self.router.mark_failed(worker)
+                tried.add(worker)
+            finally:
+                worker.outstanding_prefill_tokens -= len(request.prompt_token_ids)
+                worker.in_flight -= 1
+
+    async def _decode(
+        self, state: Running, prefill: worker_pb.PrefillResponse
+    ) -> AsyncIterator[gen_pb.GenerateResponse]:
+        request = state.request
+        worker = self.router.pick_decode()
+        worker.in_flight += 1
+        call = worker.stub.Decode(
+            worker_pb.DecodeRequest(
+                request_id=request.request_id,
+                prompt_token_ids=request.prompt_token_ids,
+                first_token_id=prefill.first_token_id,
+                sampling=sampling_to_pb(request.params),
+                kv=prefill.kv,
+            )
+        )
+        aborted = asyncio.create_task(state.aborted.wait())
+        try:
+            async for piece in call:
+                response = self._piece(
+                    state, list(piece.token_ids), list(piece.logprobs), piece.finish_reason
+                )
+                yield response
+                if response.finish_reason != UNSPECIFIED:
+                    return
+                if aborted.done():
+                    yield self._piece(state, [], [], gen_pb.FINISH_REASON_ABORT)
+                    return
+        finally:
+            aborted.cancel()
+            call.cancel()  # frees the request on the decode worker if it is still running
+            worker.in_flight -= 1
+
+    def _piece(
+        self, state: Running, token_ids: list[int], logprobs: list[Any], reason: int
+    ) -> gen_pb.GenerateResponse:
+        if token_ids:
+            state.clock.tokens(len(token_ids))
+            state.num_completion_tokens += len(token_ids)
+        delta = state.text.add(token_ids, finished=reason != UNSPECIFIED)
+        if state.text.stopped and reason == UNSPECIFIED:
+            reason = gen_pb.FINISH_REASON_STOP
+        response = gen_pb.GenerateResponse(
+            request_id=state.request.request_id,
+            text=delta,
+            token_ids=token_ids,
+            finish_reason=reason,  # type: ignore[arg-type]
+            logprobs=logprobs,
+        )
+        if reason != UNSPECIFIED:
+            response.usage.CopyFrom(
+                gen_pb.Usage(
+                    prompt_tokens=len(state.request.prompt_token_ids),
+                    completion_tokens=state.num_completion_tokens,
+                    cached_tokens=state.cached_tokens,
+                )
+            )
+            response.timings.CopyFrom(state.clock.to_pb())
+        return response
+
+    def abort(self, request_id: str) -> bool:
+        state = self.running.get(request_id)
+        if state is None:
+            return False
+        state.aborted.set()
+        return True
+
+
+class GenerationServicer(gen_grpc.GenerationServicer):
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+
+    async def Generate(
+        self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gen_pb.GenerateResponse]:
+        async for response in self.core.generate(request):
+            yield response
+
+    async def GenerateUnary(
+        self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> gen_pb.GenerateResponse:
+        whole = gen_pb.GenerateResponse()
+        async for piece in self.core.generate(request):
+            whole.request_id = piece.request_id
+            whole.text += piece.text
+            whole.token_ids.extend(piece.token_ids)
+            whole.logprobs.extend(piece.logprobs)
+            whole.finish_reason = piece.finish_reason
+            if piece.HasField("usage"):
+                whole.usage.CopyFrom(piece.usage)
+                whole.timings.CopyFrom(piece.timings)
+        return whole
+
+    async def Tokenize(
+        self, request: gen_pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> gen_pb.TokenizeResponse:
+        return gen_pb.TokenizeResponse(token_ids=prompt_ids_of(self.core.tokenizer, request))
+
+    async def ModelInfo(
+        self, request: gen_pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> gen_pb.ModelInfoResponse:
+        core = self.core
+        return gen_pb.ModelInfoResponse(
+            model=core.model_name,
+            max_model_len=core.max_model_len,
+            vocab_size=core.model_config.vocab_size,
+            block_size=core.block_size,
+            num_prefill_workers=len(core.router.prefill),
+            num_decode_workers=len(core.router.decode),
+        )
+
+    async def Abort(
+        self, request: gen_pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> gen_pb.AbortResponse:
+        return gen_pb.AbortResponse(aborted=self.core.abort(request.request_id))

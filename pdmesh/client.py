@@ -1,0 +1,54 @@
+"""A streaming command-line client of the gateway."""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from pdmesh.v1 import generation_pb2 as gen_pb
+from pdmesh.v1 import generation_pb2_grpc as gen_grpc
+
+
+def request_from(prompt: str, chat: bool, params: SamplingParams) -> gen_pb.GenerateRequest:
+    request = gen_pb.GenerateRequest(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty,
+        stop=list(params.stop),
+        ignore_eos=params.ignore_eos,
+    )
+    if params.seed is not None:
+        request.seed = params.seed
+    if chat:
+        request.messages.append(gen_pb.ChatMessage(role="user", content=prompt))
+    else:
+        request.prompt = prompt
+    return request
+
+
+def stream_generate(target: str, prompt: str, chat: bool, params: SamplingParams) -> int:
+    with grpc.insecure_channel(target) as channel:
+        stub = gen_grpc.GenerationStub(channel)
+        try:
+            for piece in stub.Generate(request_from(prompt, chat, params)):
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+                if piece.HasField("usage"):
+                    usage, timings = piece.usage, piece.timings
+                    sys.stdout.write("\n")
+                    print(
+                        f"[{usage.prompt_tokens} prompt + {usage.completion_tokens} completion "
+                        f"tokens, {usage.cached_tokens} cached; TTFT "
+                        f"{timings.time_to_first_token_ms:.0f} ms, "
+                        f"{timings.mean_time_per_output_token_ms:.1f} ms/token]",
+                        file=sys.stderr,
+                    )
+        except grpc.RpcError as error:
+            print(f"pdmesh: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    return 0

@@ -1,0 +1,158 @@
+"""Starting services: one worker, the gateway, or the whole mesh in one process.
+
+``pdmesh up`` (the default, embedded store) runs every service in this process, each on its
+own port with its own gRPC server, so every hop still crosses a real socket; the workers
+share an in-process KV store. ``pdmesh serve ROLE`` runs one service, as a container would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from kvstore.factory import open_store
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.model_source import load_model_config, resolve_model
+from engine.tokenizer import load_tokenizer
+from gateway.router import Router
+from gateway.service import GatewayCore, GenerationServicer
+from kvstore.base import KVStore
+from pdmesh.rpc import Server
+from pdmesh.v1 import generation_pb2_grpc as gen_grpc
+from pdmesh.v1 import worker_pb2_grpc as worker_grpc
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode")
+GATEWAY_SERVICE = "pdmesh.v1.Generation"
+WORKER_SERVICES = {"prefill": "pdmesh.v1.PrefillWorker", "decode": "pdmesh.v1.DecodeWorker"}
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """A whole local mesh. Workers listen on consecutive ports after the gateway's."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    #: Gateway port; 0 picks free ports for every service (tests).
+    gateway_port: int = 50051
+    num_prefill: int = 1
+    num_decode: int = 1
+    #: "embedded", "redis://host:port/db" or "redis+shm://host:port/db".
+    store: str = "embedded"
+    store_capacity_blocks: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError("a mesh needs at least one prefill and one decode worker")
+        if not 0 <= self.gateway_port < 65536:
+            raise ValueError(f"bad port {self.gateway_port}")
+
+    def worker_port(self, index: int) -> int:
+        return 0 if self.gateway_port == 0 else self.gateway_port + 1 + index
+
+
+@dataclass
+class WorkerHandle:
+    role: str
+    server: Server
+    engine: AsyncEngine
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+async def start_worker(
+    role: str, config: EngineConfig, store: KVStore, address: str
+) -> WorkerHandle:
+    from decode_svc.service import DecodeServicer
+    from prefill_svc.service import PrefillServicer
+
+    server = Server(address, [WORKER_SERVICES[role]])
+    await server.start()  # health answers NOT_SERVING while the model loads
+    engine = await asyncio.to_thread(Engine, config, store, role == "prefill")
+    async_engine = AsyncEngine(engine, name=f"{role}-{server.port}")
+    if role == "prefill":
+        worker_grpc.add_PrefillWorkerServicer_to_server(
+            PrefillServicer(async_engine), server.server
+        )
+    else:
+        worker_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(async_engine), server.server)
+    await server.set_serving()
+    logger.info("%s worker serving on port %d", role, server.port)
+    return WorkerHandle(role, server, async_engine)
+
+
+async def start_gateway(
+    config: EngineConfig,
+    store: KVStore,
+    address: str,
+    prefill: list[str],
+    decode: list[str],
+) -> tuple[Server, GatewayCore]:
+    server = Server(address, [GATEWAY_SERVICE])
+    await server.start()
+    source = resolve_model(config.model)
+    model_config = load_model_config(source)
+    tokenizer = await asyncio.to_thread(load_tokenizer, source)
+    router = Router(prefill, decode)
+    await router.start()
+    limit = model_config.max_position_embeddings
+    core = GatewayCore(
+        tokenizer,
+        model_config,
+        min(config.max_model_len or limit, limit),
+        router,
+        store,
+        source.path.name,
+        config.cache.block_size,
+    )
+    gen_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
+    await server.set_serving()
+    logger.info("gateway serving on port %d", server.port)
+    return server, core
+
+
+class Mesh:
+    """Gateway + workers + store in this process."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.store = open_store(config.store, config.store_capacity_blocks)
+        self.workers: list[WorkerHandle] = []
+        self.gateway: Server | None = None
+        self.core: GatewayCore | None = None
+
+    @property
+    def gateway_address(self) -> str:
+        assert self.gateway is not None
+        return f"{self.config.host}:{self.gateway.port}"
+
+    async def start(self) -> None:
+        config = self.config
+        roles = ["prefill"] * config.num_prefill + ["decode"] * config.num_decode
+        for index, role in enumerate(roles):
+            address = f"{config.host}:{config.worker_port(index)}"
+            self.workers.append(await start_worker(role, config.engine, self.store, address))
+        self.gateway, self.core = await start_gateway(
+            config.engine,
+            self.store,
+            f"{config.host}:{config.gateway_port}",
+            [w.address for w in self.workers if w.role == "prefill"],
+            [w.address for w in self.workers if w.role == "decode"],
+        )
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+        if self.core is not None:
+            await self.core.router.close()
+        for worker in self.workers:
+            await worker.server.stop()
+            worker.engine.stop()
+        self.store.close()

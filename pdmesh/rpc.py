@@ -1,0 +1,142 @@
+"""gRPC plumbing every service shares: domain errors to status codes (the one place that
+mapping lives), health, reflection, and server start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.errors import InvalidRequestError, RequestNotFoundError
+
+logger = logging.getLogger(__name__)
+
+
+class OverloadedError(Exception):
+    """No capacity to take the request now (queue full, store full)."""
+
+
+class WorkerUnavailableError(Exception):
+    """No healthy worker of the needed role."""
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Maps a domain error to a gRPC status code and message."""
+    if isinstance(error, grpc.aio.AioRpcError):  # a downstream worker's status passes through
+        code = error.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            return grpc.StatusCode.UNAVAILABLE, f"worker unavailable: {error.details()}"
+        return code, error.details() or str(code)
+    if isinstance(error, (InvalidRequestError, ValueError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, RequestNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, OverloadedError) or type(error).__name__ == "StoreFullError":
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, WorkerUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error) or "deadline exceeded"
+    return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
+
+
+async def _abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+    code, message = status_for(error)
+    if code == grpc.StatusCode.INTERNAL:
+        logger.exception("internal error", exc_info=error)
+    await context.abort(code, message)
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:
+            await _abort_with(context, error)
+
+    return wrapped
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:
+            await _abort_with(context, error)
+
+    return wrapped
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Every handler's exceptions become status codes through ``status_for``."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+class Server:
+    """A grpc.aio server with health (NOT_SERVING until ``set_serving``) and reflection."""
+
+    def __init__(self, address: str, service_names: list[str]) -> None:
+        self.server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", 256 << 20),
+                ("grpc.max_send_message_length", 256 << 20),
+            ],
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = service_names
+        reflection.enable_server_reflection(
+            [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+
+    async def _set(self, status: int) -> None:
+        for name in ["", *self.service_names]:
+            result = self.health.set(name, status)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def set_serving(self) -> None:
+        await self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)

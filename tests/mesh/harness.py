@@ -1,0 +1,79 @@
+"""Runs a Mesh on its own event loop thread, so tests can be plain synchronous gRPC clients."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import grpc
+
+from pdmesh.mesh import Mesh, MeshConfig
+from pdmesh.v1 import generation_pb2 as gen_pb
+from pdmesh.v1 import generation_pb2_grpc as gen_grpc
+from pdmesh.v1 import worker_pb2 as worker_pb
+
+T = TypeVar("T")
+
+
+class MeshThread:
+    def __init__(self, config: MeshConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.mesh = Mesh(config)
+        self.run(self.mesh.start())
+        self.channel = grpc.insecure_channel(self.mesh.gateway_address)
+        self.stub = gen_grpc.GenerationStub(self.channel)
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 300) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.run(self.mesh.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    def loads(self) -> list[worker_pb.LoadReport]:
+        reports = []
+        for worker in self.mesh.workers:
+            with grpc.insecure_channel(worker.address) as channel:
+                from pdmesh.v1 import worker_pb2_grpc as worker_grpc
+
+                stub_type = (
+                    worker_grpc.PrefillWorkerStub
+                    if worker.role == "prefill"
+                    else worker_grpc.DecodeWorkerStub
+                )
+                reports.append(stub_type(channel).Load(worker_pb.LoadRequest(), timeout=5))
+        return reports
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Until no worker holds a block and the store holds no pin (or the timeout)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.is_idle():
+                return
+            time.sleep(0.1)
+
+    def is_idle(self) -> bool:
+        used = [r.num_used_blocks for r in self.loads()]
+        return not any(used) and self.mesh.store.stats().num_pinned_blocks == 0
+
+
+def generate(
+    stub: gen_grpc.GenerationStub, request: gen_pb.GenerateRequest
+) -> gen_pb.GenerateResponse:
+    """Collects a streamed generation into one response (text and ids concatenated)."""
+    whole = gen_pb.GenerateResponse()
+    for piece in stub.Generate(request, timeout=300):
+        whole.text += piece.text
+        whole.token_ids.extend(piece.token_ids)
+        whole.finish_reason = piece.finish_reason
+        if piece.HasField("usage"):
+            whole.usage.CopyFrom(piece.usage)
+            whole.timings.CopyFrom(piece.timings)
+    return whole

@@ -1,0 +1,145 @@
+"""The mesh end to end over real sockets: gateway -> prefill -> store -> decode -> client."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from pdmesh.mesh import MeshConfig
+from pdmesh.v1 import generation_pb2 as gen_pb
+from tests.conftest import hf_greedy
+from tests.mesh.harness import MeshThread, generate
+from tests.test_hf_parity import PROMPTS
+
+NEW_TOKENS = 64
+
+
+def to_request(prompt: str | list[dict[str, str]], **kwargs: object) -> gen_pb.GenerateRequest:
+    request = gen_pb.GenerateRequest(**kwargs)  # type: ignore[arg-type]
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        request.messages.extend(gen_pb.ChatMessage(**m) for m in prompt)
+    return request
+
+
+@pytest.fixture(scope="module", params=["embedded"])
+def mesh(request: pytest.FixtureRequest) -> Iterator[MeshThread]:
+    config = MeshConfig(
+        engine=EngineConfig(device="cpu"),
+        gateway_port=0,
+        num_prefill=2,
+        num_decode=2,
+        store=request.param,
+    )
+    harness = MeshThread(config)
+    yield harness
+    harness.close()
+
+
+def test_greedy_outputs_match_engine_and_hugging_face(
+    mesh: MeshThread, smol_llm: LLM, hf_smol: torch.nn.Module
+) -> None:
+    expected = smol_llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+    results: dict[int, gen_pb.GenerateResponse] = {}
+
+    def run(index: int) -> None:
+        request = to_request(PROMPTS[index], max_tokens=NEW_TOKENS, temperature=0)
+        results[index] = generate(mesh.stub, request)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, want in enumerate(expected):
+        got = results[index]
+        assert list(got.token_ids) == want.token_ids, PROMPTS[index]
+        assert got.text == want.text
+        assert got.usage.completion_tokens == len(want.token_ids)
+        assert got.finish_reason in (gen_pb.FINISH_REASON_STOP, gen_pb.FINISH_REASON_LENGTH)
+    for index in (0, 3):  # and directly against Hugging Face
+        ids = smol_llm.encode(PROMPTS[index])
+        assert list(results[index].token_ids) == hf_greedy(hf_smol, ids, NEW_TOKENS)
+    mesh.wait_idle()
+    assert mesh.is_idle()
+
+
+def test_64_concurrent_streams_are_complete_and_leave_nothing(
+    mesh: MeshThread, smol_llm: LLM
+) -> None:
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(8)]
+    expected = smol_llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0))
+    results: list[gen_pb.GenerateResponse | None] = [None] * 64
+
+    def run(index: int) -> None:
+        request = to_request(prompts[index % 8], max_tokens=16, temperature=0)
+        results[index] = generate(mesh.stub, request)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, got in enumerate(results):
+        assert got is not None and list(got.token_ids) == expected[index % 8].token_ids
+    mesh.wait_idle()
+    assert mesh.is_idle()
+
+
+def test_cancelled_stream_frees_its_blocks_everywhere(mesh: MeshThread) -> None:
+    request = to_request("Tell me a very long story.", max_tokens=400, ignore_eos=True)
+    stream = mesh.stub.Generate(request, timeout=300)
+    for count, _ in enumerate(stream):
+        if count == 5:
+            break
+    assert not mesh.is_idle(), "the request is still decoding and holds blocks"
+    stream.cancel()
+    mesh.wait_idle()
+    assert mesh.is_idle()
+
+
+def test_repeated_long_prompt_reuses_cached_blocks(mesh: MeshThread) -> None:
+    prompt = "Background: " + "the archive holds letters, maps and ledgers. " * 30 + "Question:"
+    first = generate(mesh.stub, to_request(prompt, max_tokens=8, temperature=0))
+    second = generate(mesh.stub, to_request(prompt, max_tokens=8, temperature=0))
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens > 0
+    assert list(second.token_ids) == list(first.token_ids)
+    print(
+        f"TTFT cold {first.timings.time_to_first_token_ms:.1f} ms, "
+        f"cached {second.timings.time_to_first_token_ms:.1f} ms"
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "message"),
+    [
+        ({"prompt": "hi", "prompt_token_ids": [1, 2]}, "exactly one of"),
+        ({"prompt": "hi", "top_p": 2.0}, "top_p"),
+        ({"prompt_token_ids": [10**6]}, "token ids must be in"),
+        ({"prompt": "hi", "max_tokens": 10**6}, "maximum model length"),
+    ],
+)
+def test_bad_requests_get_invalid_argument(
+    mesh: MeshThread, request_kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        generate(mesh.stub, gen_pb.GenerateRequest(**request_kwargs))  # type: ignore[arg-type]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (info.value.details() or "")
+
+
+def test_tokenize_and_model_info(mesh: MeshThread, smol_llm: LLM) -> None:
+    tokens = mesh.stub.Tokenize(gen_pb.TokenizeRequest(prompt="Hello world"))
+    assert list(tokens.token_ids) == smol_llm.encode("Hello world")
+    info = mesh.stub.ModelInfo(gen_pb.ModelInfoRequest())
+    assert info.num_prefill_workers == 2 and info.num_decode_workers == 2
+    assert info.block_size == 16 and info.vocab_size == 49152
