@@ -90,6 +90,8 @@ class Engine:
         self._validate(prompt_token_ids, params)
         if kv_import is not None:
             self._validate_import(prompt_token_ids, kv_import)
+        elif self.publish_kv:
+            kv_import = self.kv.stored_prefix(prompt_token_ids)  # type: ignore[union-attr]
         seq = Sequence(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -159,7 +161,7 @@ class Engine:
             return []
         for block_import in scheduled.imports:
             assert self.kv is not None
-            self.kv.load(block_import)
+            self.kv.load(block_import, keep_pins=self.publish_kv)
         sampled = iter(self.runner.execute(scheduled.chunks))
         outputs = []
         for chunk in scheduled.chunks:

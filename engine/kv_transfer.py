@@ -60,11 +60,21 @@ class KVTransfer:
             data = self.runner.read_blocks(block_ids)
             self.store.put(owner, list(zip(hashes, data, strict=True)))
 
-    def load(self, imp: BlockImport) -> None:
-        """Fills the request's blocks from the store, then drops its pins: the worker now
-        holds its own copy."""
+    def stored_prefix(self, prompt: list[int]) -> list[BlockHash] | None:
+        """Names of the prompt's leading full blocks that the store holds, leaving at least
+        one token to compute; None when there are none."""
+        hashes = hash_full_blocks(prompt, self.block_size, self.namespace)
+        usable = (len(prompt) - 1) // self.block_size
+        count = min(self.store.match_prefix(hashes), usable)
+        return hashes[:count] or None
+
+    def load(self, imp: BlockImport, keep_pins: bool) -> None:
+        """Fills the request's blocks from the store. A decode worker then drops the request's
+        pins (it holds its own copy); a prefill worker keeps them for the decode worker, which
+        will read the same blocks."""
         owner = imp.seq.request_id
         try:
             self.runner.write_blocks(imp.block_ids, self.store.get(owner, imp.hashes))
         finally:
-            self.store.release(owner)
+            if not keep_pins:
+                self.store.release(owner)

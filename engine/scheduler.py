@@ -80,37 +80,48 @@ class Scheduler:
             chunks.append(ScheduledChunk.next_for(seq, num_tokens))
             budget -= num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            hits = self.blocks.match_prefix(seq)
-            num_tokens = seq.num_uncomputed_tokens - len(hits) * self.blocks.block_size
-            if seq.kv_import is None:
-                num_tokens = min(num_tokens, budget)
-            if not self.blocks.can_allocate(seq, num_tokens, hits):
+            admitted = self._admit(self.waiting[0], budget)
+            if admitted is None:
                 break  # first come, first served: later requests wait behind this one
-            self.waiting.popleft()
-            self.blocks.allocate(seq, num_tokens, hits)
-            if seq.num_preemptions == 0:
-                seq.num_cached_tokens = seq.num_computed_tokens
-            if seq.kv_import is not None:
-                imports.append(self._import_prompt(seq, len(hits)))
-                num_tokens = seq.num_uncomputed_tokens
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            chunks.append(ScheduledChunk.next_for(seq, num_tokens))
-            budget -= num_tokens
+            chunk, block_import = admitted
+            if block_import is not None:
+                imports.append(block_import)
+            chunks.append(chunk)
+            budget -= chunk.num_tokens
         return SchedulerOutput(chunks, imports)
 
-    def _import_prompt(self, seq: Sequence, num_hit_blocks: int) -> BlockImport:
-        """The prompt's KV comes from the store (all blocks past local prefix hits); only the
-        tokens after the prompt are computed."""
-        assert seq.kv_import is not None
-        num_prompt_blocks = len(seq.kv_import)
-        seq.num_computed_tokens = len(seq.prompt_token_ids)
-        return BlockImport(
-            seq,
-            seq.block_table[num_hit_blocks:num_prompt_blocks],
-            seq.kv_import[num_hit_blocks:num_prompt_blocks],
-        )
+    def _admit(
+        self, seq: Sequence, budget: int
+    ) -> tuple[ScheduledChunk, BlockImport | None] | None:
+        """Blocks for the next waiting request: local prefix hits are shared, blocks named in
+        ``kv_import`` are filled from the store, and up to ``budget`` tokens are computed."""
+        block_size = self.blocks.block_size
+        hits = self.blocks.match_prefix(seq)
+        import_tokens = 0
+        if seq.kv_import is not None:
+            covered = min(len(seq.kv_import) * block_size, len(seq.prompt_token_ids))
+            import_tokens = max(0, covered - len(hits) * block_size)
+        num_tokens = seq.num_uncomputed_tokens - len(hits) * block_size - import_tokens
+        num_tokens = min(num_tokens, budget)
+        if not self.blocks.can_allocate(seq, import_tokens + num_tokens, hits):
+            return None
+        self.waiting.popleft()
+        self.blocks.allocate(seq, import_tokens + num_tokens, hits)
+        block_import = None
+        if import_tokens:
+            first = len(hits)
+            last = first + -(-import_tokens // block_size)
+            block_import = BlockImport(
+                seq,
+                seq.block_table[first:last],
+                seq.kv_import[first:last],  # type: ignore[index]
+            )
+            seq.num_computed_tokens += import_tokens
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return ScheduledChunk.next_for(seq, num_tokens), block_import
 
     def _reserve_running(self, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for ``seq``'s next tokens, preempting the newest sequences if needed.

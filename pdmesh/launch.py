@@ -9,9 +9,8 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
-from kvstore.factory import open_store
-
 from engine.config import EngineConfig
+from kvstore.factory import open_store
 from pdmesh.mesh import Mesh, MeshConfig, start_gateway, start_worker
 
 

@@ -11,8 +11,6 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from kvstore.factory import open_store
-
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import Engine
@@ -21,6 +19,7 @@ from engine.tokenizer import load_tokenizer
 from gateway.router import Router
 from gateway.service import GatewayCore, GenerationServicer
 from kvstore.base import KVStore
+from kvstore.factory import open_store
 from pdmesh.rpc import Server
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc

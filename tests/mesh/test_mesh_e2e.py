@@ -16,6 +16,7 @@ from pdmesh.mesh import MeshConfig
 from pdmesh.v1 import generation_pb2 as gen_pb
 from tests.conftest import hf_greedy
 from tests.mesh.harness import MeshThread, generate
+from tests.redis_server import start_redis, stop_redis
 from tests.test_hf_parity import PROMPTS
 
 NEW_TOKENS = 64
@@ -30,18 +31,22 @@ def to_request(prompt: str | list[dict[str, str]], **kwargs: object) -> gen_pb.G
     return request
 
 
-@pytest.fixture(scope="module", params=["embedded"])
+@pytest.fixture(scope="module", params=["embedded", "redis"])
 def mesh(request: pytest.FixtureRequest) -> Iterator[MeshThread]:
+    """2 prefill + 2 decode workers sharing the embedded store or a real redis-server."""
+    redis, store = start_redis() if request.param == "redis" else (None, "embedded")
     config = MeshConfig(
         engine=EngineConfig(device="cpu"),
         gateway_port=0,
         num_prefill=2,
         num_decode=2,
-        store=request.param,
+        store=store,
     )
     harness = MeshThread(config)
     yield harness
     harness.close()
+    if redis is not None:
+        stop_redis(redis)
 
 
 def test_greedy_outputs_match_engine_and_hugging_face(

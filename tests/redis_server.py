@@ -1,0 +1,96 @@
+"""A throwaway redis-server on loopback, so tests talk to a real Redis and never a mock.
+
+Any test package can use it: ``proc, url = start_redis()`` ... ``stop_redis(proc)``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from typing import IO, NoReturn
+
+import pytest
+
+ALLOW_NO_REDIS_ENV = "PDMESH_ALLOW_NO_REDIS"
+_NUM_START_ATTEMPTS = 3
+
+
+def start_redis(timeout_s: float = 10.0) -> tuple[subprocess.Popen[bytes], str]:
+    """Starts redis-server on a free loopback port without persistence and waits until it
+    answers PING. Returns the process and its ``redis://`` URL.
+
+    Fails if redis-server is missing, unless PDMESH_ALLOW_NO_REDIS=1, which skips instead.
+    """
+    executable = shutil.which("redis-server")
+    if executable is None:
+        _missing_redis()
+    with tempfile.TemporaryFile() as log:
+        # A free port can be taken between probing it and redis binding it: try a few.
+        for _ in range(_NUM_START_ATTEMPTS):
+            proc, port = _launch(executable, log)
+            if _wait_for_ping(proc, port, timeout_s):
+                return proc, f"redis://127.0.0.1:{port}/0"
+            stop_redis(proc)
+        log.seek(0)
+        output = log.read().decode(errors="replace")
+    raise RuntimeError(f"redis-server did not answer PING; its output:\n{output}")
+
+
+def stop_redis(proc: subprocess.Popen[bytes]) -> None:
+    """Stops a server from ``start_redis``; kills it if it ignores SIGTERM."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _launch(executable: str, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--loglevel", "warning"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tempfile.gettempdir(),
+    )  # fmt: skip
+    return proc, port
+
+
+def _missing_redis() -> NoReturn:
+    message = "redis-server is not installed (scripts/install_redis.sh installs it)"
+    if os.environ.get(ALLOW_NO_REDIS_ENV) == "1":
+        pytest.skip(f"{message}; skipping because {ALLOW_NO_REDIS_ENV}=1")
+    raise RuntimeError(f"{message}; set {ALLOW_NO_REDIS_ENV}=1 to skip Redis tests instead")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_ping(proc: subprocess.Popen[bytes], port: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False  # exited: most likely the port was taken
+        if _pings(port):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _pings(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
