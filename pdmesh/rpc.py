@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.errors import InvalidRequestError, RequestNotFoundError
+from kvstore.errors import StoreFullError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, RequestNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(error)
-    if isinstance(error, OverloadedError) or type(error).__name__ == "StoreFullError":
+    if isinstance(error, (OverloadedError, StoreFullError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, WorkerUnavailableError):
         return grpc.StatusCode.UNAVAILABLE, str(error)

