@@ -103,7 +103,8 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
         default=env("PDMESH_STORE", "embedded"),
-        help="embedded | redis://HOST:PORT/DB | redis+shm://HOST:PORT/DB",
+        help="embedded | redis://HOST:PORT/DB | redis+shm://HOST:PORT/DB; "
+        "up: bare 'redis' or 'redis+shm' starts a private redis-server",
     )
     parser.add_argument("--store-capacity-blocks", type=int, default=8192)
 

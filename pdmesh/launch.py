@@ -6,7 +6,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
+import socket
+import subprocess
+import time
 from collections.abc import Awaitable, Callable
 
 from engine.config import EngineConfig
@@ -31,7 +35,58 @@ async def _until_signal(stop: Callable[[], Awaitable[None]]) -> None:
     await stop()
 
 
+def start_local_redis() -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server on a free loopback port, for ``--store redis`` with no URL."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise FileNotFoundError("--store redis needs redis-server on PATH, or give a redis:// URL")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            executable,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--loglevel",
+            "warning",
+        ],
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    for _ in range(100):
+        try:
+            redis.Redis.from_url(url).ping()
+            return process, url
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    process.terminate()
+    raise RuntimeError("redis-server did not start")
+
+
 def run_up(args: argparse.Namespace, engine: EngineConfig) -> int:
+    redis_process = None
+    if args.store in ("redis", "redis+shm"):
+        redis_process, url = start_local_redis()
+        scheme = "redis+shm" if args.store == "redis+shm" else "redis"
+        args.store = url.replace("redis", scheme, 1)
+        print(f"pdmesh: started redis-server at {url}", flush=True)
+    try:
+        return _run_mesh(args, engine)
+    finally:
+        if redis_process is not None:
+            redis_process.terminate()
+            redis_process.wait(timeout=10)
+
+
+def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
     config = MeshConfig(
         engine=engine,
         host=args.host,
