@@ -68,16 +68,29 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> SchedulerOutput:
+        """Stall-free order (Sarathi-Serve): every running decode gets its token first, then
+        prompts in progress continue their chunks, then waiting requests are admitted, all
+        within one token budget."""
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         imports: list[BlockImport] = []
-        for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or budget == 0:
-                continue  # preempted earlier in this loop
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
-            if not self._reserve_running(seq, num_tokens):
-                continue
+        scheduled: set[Sequence] = set()
+        for seq in [s for s in self.running if s.num_uncomputed_tokens == 1]:
+            if budget == 0:
+                break
+            if seq.status is SequenceStatus.RUNNING and self._reserve_decode(seq, scheduled):
+                chunks.append(ScheduledChunk.next_for(seq, 1))
+                scheduled.add(seq)
+                budget -= 1
+        for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
+            if budget == 0:
+                break
+            num_tokens = self._fit(seq, min(seq.num_uncomputed_tokens, budget))
+            if num_tokens == 0:
+                continue  # no blocks now: the prompt waits, decodes go on
+            self.blocks.allocate(seq, num_tokens, [])
             chunks.append(ScheduledChunk.next_for(seq, num_tokens))
+            scheduled.add(seq)
             budget -= num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             admitted = self._admit(self.waiting[0], budget)
@@ -104,7 +117,11 @@ class Scheduler:
         num_tokens = seq.num_uncomputed_tokens - len(hits) * block_size - import_tokens
         num_tokens = min(num_tokens, budget)
         if not self.blocks.can_allocate(seq, import_tokens + num_tokens, hits):
-            return None
+            if seq.kv_import is not None:
+                return None
+            num_tokens = self._fit_admission(seq, num_tokens, hits)
+            if num_tokens == 0:
+                return None
         self.waiting.popleft()
         self.blocks.allocate(seq, import_tokens + num_tokens, hits)
         block_import = None
@@ -123,16 +140,29 @@ class Scheduler:
         self.running.append(seq)
         return ScheduledChunk.next_for(seq, num_tokens), block_import
 
-    def _reserve_running(self, seq: Sequence, num_tokens: int) -> bool:
-        """Blocks for ``seq``'s next tokens, preempting the newest sequences if needed.
-        Returns False when ``seq`` itself was preempted."""
-        while not self.blocks.can_allocate(seq, num_tokens, []):
-            victim = self.running[-1]
+    def _reserve_decode(self, seq: Sequence, scheduled: set[Sequence]) -> bool:
+        """A block slot for ``seq``'s next token, preempting the newest running sequences not
+        yet scheduled this step. Returns False when ``seq`` itself was preempted."""
+        while not self.blocks.can_allocate(seq, 1, []):
+            victim = next(s for s in reversed(self.running) if s not in scheduled)
             self._preempt(victim)
             if victim is seq:
                 return False
-        self.blocks.allocate(seq, num_tokens, [])
+        self.blocks.allocate(seq, 1, [])
         return True
+
+    def _fit_admission(self, seq: Sequence, num_tokens: int, hits: list[int]) -> int:
+        """The largest first chunk (whole blocks) that fits the free blocks; 0 if none."""
+        block_size = self.blocks.block_size
+        while num_tokens > 0 and not self.blocks.can_allocate(seq, num_tokens, hits):
+            num_tokens = (num_tokens - 1) // block_size * block_size
+        return num_tokens
+
+    def _fit(self, seq: Sequence, num_tokens: int) -> int:
+        """How many of ``num_tokens`` more tokens the free blocks can hold for ``seq``."""
+        block_size = self.blocks.block_size
+        room = (len(seq.block_table) + self.blocks.num_free_blocks) * block_size
+        return max(0, min(num_tokens, room - seq.num_computed_tokens))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
