@@ -156,12 +156,18 @@ class EngineConfig:
     #: Longest sequence (prompt + generated); None means the model's own limit.
     max_model_len: int | None = None
     seed: int = 0
+    #: "auto" reads the checkpoint; "dummy" leaves random weights (benchmarks, shapes only).
+    load_format: str = "auto"
+    #: Run decode steps eagerly instead of replaying CUDA graphs (CUDA only).
+    enforce_eager: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError("max_model_len must be positive")
 

@@ -9,6 +9,7 @@ import torch
 
 from engine.attention import AttentionMetadata, PagedAttention
 from engine.config import EngineConfig, ModelConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.model_source import ModelSource
 from engine.models import MODEL_REGISTRY, LlamaForCausalLM
 from engine.sampler import Sampler
@@ -24,7 +25,7 @@ GPU_MEMORY_UTILIZATION = 0.85
 
 
 def build_model(
-    config: ModelConfig, source: ModelSource, dtype: torch.dtype, device: str
+    config: ModelConfig, source: ModelSource, dtype: torch.dtype, device: str, load_format: str
 ) -> LlamaForCausalLM:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -33,7 +34,11 @@ def build_model(
             model = MODEL_REGISTRY[config.architecture](config)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(iter_weights(source, config))
+    if load_format == "dummy":
+        for param in model.parameters():  # small values keep activations finite
+            param.data.normal_(0, 0.02)
+    else:
+        model.load_weights(iter_weights(source, config))
     return model.eval()
 
 
@@ -44,11 +49,22 @@ class ModelRunner:
         self.device = torch.device(engine_config.device)
         self.dtype = engine_config.torch_dtype
         self.block_size = engine_config.cache.block_size
-        self.model = build_model(model_config, source, self.dtype, engine_config.device)
+        self.model = build_model(
+            model_config, source, self.dtype, engine_config.device, engine_config.load_format
+        )
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.num_blocks = self._decide_num_blocks()
         self._allocate_kv_cache()
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not engine_config.enforce_eager:
+            longest = engine_config.max_model_len or model_config.max_position_embeddings
+            self.graphs = DecodeGraphs(
+                self.model,
+                engine_config.scheduler.max_num_seqs,
+                -(-longest // self.block_size),
+                self.device,
+            )
 
     def _bytes_per_block(self) -> int:
         layer = self.attention_layers[0]
@@ -140,7 +156,10 @@ class ModelRunner:
         """Runs one forward pass over every chunk; returns the next token of each chunk that
         completes its sequence's computed tokens (in chunk order)."""
         input_ids, positions, meta = self._prepare(chunks)
-        hidden = self.model(input_ids, positions, meta)  # (num_tokens, hidden)
+        if self.graphs is not None and self.graphs.fits(meta):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)  # (num_tokens, hidden)
         last_rows = [meta_end - 1 for meta_end in meta.cu_seqlens_q[1:].tolist()]
         sampled = [i for i, c in enumerate(chunks) if c.completes]
         if not sampled:
