@@ -44,7 +44,7 @@ def hf_config(layers: int) -> Any:
         num_hidden_layers=layers,
         num_attention_heads=32,
         num_key_value_heads=8,
-        max_position_embeddings=8192,
+        max_position_embeddings=131072,
         rope_theta=500000.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
