@@ -121,8 +121,14 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: list[int]) -> bool:
         return self.num_new_blocks(seq, num_new_tokens, hits) <= self.allocator.num_free
 
+    def has_room(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """The sequence's blocks already hold ``num_new_tokens`` more (no allocation)."""
+        return seq.num_computed_tokens + num_new_tokens <= len(seq.block_table) * self.block_size
+
     def allocate(self, seq: Sequence, num_new_tokens: int, hits: list[int]) -> None:
         """Attaches prefix hits, then grows the block table to cover the new tokens."""
+        if not hits and self.has_room(seq, num_new_tokens):
+            return
         if not self.can_allocate(seq, num_new_tokens, hits):
             raise NoFreeBlocksError(f"request {seq.request_id} needs more KV blocks")
         for block_id in hits:
@@ -135,12 +141,14 @@ class BlockManager:
 
     def commit_computed(self, seq: Sequence) -> None:
         """Publishes hashes of full blocks whose K/V are now computed, for prefix reuse."""
-        if not self.enable_prefix_caching:
-            return
+        num_full = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or num_full <= seq.num_committed_blocks:
+            return  # the common decode step: no block filled up
         self.update_hashes(seq)
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
-        for index in range(num_full):
+        num_full = min(num_full, len(seq.block_hashes))
+        for index in range(seq.num_committed_blocks, num_full):
             self.allocator.register(seq.block_table[index], seq.block_hashes[index])
+        seq.num_committed_blocks = num_full
 
     def free(self, seq: Sequence) -> None:
         """Releases every block of the sequence; its K/V must be recomputed to resume."""
@@ -149,3 +157,4 @@ class BlockManager:
             self.allocator.free(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_committed_blocks = 0

@@ -127,7 +127,7 @@ class ModelRunner:
         cu_seqlens_q = [0]
         for chunk in chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.end
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(seq.tokens_between(start, end))
             positions.extend(range(start, end))
             table = seq.block_table
             slots.extend(
@@ -137,19 +137,29 @@ class ModelRunner:
             seq_lens.append(end)
             cu_seqlens_q.append(cu_seqlens_q[-1] + chunk.num_tokens)
         max_blocks = max(len(c.seq.block_table) for c in chunks)
-        tables = [c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table)) for c in chunks]
-
-        def tensor(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
+        tables: list[int] = []
+        for chunk in chunks:
+            table = chunk.seq.block_table
+            tables.extend(table)
+            tables.extend([0] * (max_blocks - len(table)))
+        # Two host-to-device copies per step (one per dtype), then views into them.
+        num_tokens, num_seqs = len(input_ids), len(chunks)
+        longs = self._to_device(input_ids + positions + slots, torch.int64)
+        ints = self._to_device(seq_lens + cu_seqlens_q + tables, torch.int32)
         meta = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            block_tables=tensor(tables, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            cu_seqlens_q=tensor(cu_seqlens_q, torch.int32),
-            is_decode=all(c.num_tokens == 1 for c in chunks),
+            slot_mapping=longs[2 * num_tokens :],
+            block_tables=ints[2 * num_seqs + 1 :].view(num_seqs, max_blocks),
+            seq_lens=ints[:num_seqs],
+            cu_seqlens_q=ints[num_seqs : 2 * num_seqs + 1],
+            is_decode=num_tokens == num_seqs,
         )
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta
+        return longs[:num_tokens], longs[num_tokens : 2 * num_tokens], meta
+
+    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> list[tuple[int, TokenLogprob | None]]:

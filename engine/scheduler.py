@@ -143,6 +143,8 @@ class Scheduler:
     def _reserve_decode(self, seq: Sequence, scheduled: set[Sequence]) -> bool:
         """A block slot for ``seq``'s next token, preempting the newest running sequences not
         yet scheduled this step. Returns False when ``seq`` itself was preempted."""
+        if self.blocks.has_room(seq, 1):
+            return True
         while not self.blocks.can_allocate(seq, 1, []):
             victim = next(s for s in reversed(self.running) if s not in scheduled)
             self._preempt(victim)

@@ -52,6 +52,8 @@ class Sequence:
     num_cached_tokens: int = 0
     #: Hashes of this sequence's full blocks, computed once and extended as it grows.
     block_hashes: list[BlockHash] = field(default_factory=list)
+    #: Leading full blocks already registered in the prefix cache.
+    num_committed_blocks: int = 0
     num_preemptions: int = 0
     #: Decode role: store hashes of the prompt's blocks (the last may be partial), imported
     #: instead of computed when the request is admitted.
@@ -65,6 +67,13 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without building the whole list (the decode hot path)."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.token_ids[start:end]
 
     @property
     def num_tokens(self) -> int:
