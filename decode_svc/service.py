@@ -36,3 +36,21 @@ class DecodeServicer(WorkerBase, worker_grpc.DecodeWorkerServicer):
                 logprobs=[logprob_to_pb(lp) for lp in output.new_logprobs],
                 finish_reason=FINISH_TO_PB[output.finish_reason],
             )
+
+
+class ColocatedServicer(WorkerBase, worker_grpc.ColocatedWorkerServicer):
+    """One engine does both roles: no hand-off, prompts and decodes share forward passes."""
+
+    async def Generate(
+        self, request: worker_pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb.DecodeResponse]:
+        stream = self.engine.generate(
+            list(request.prompt_token_ids), sampling_from_pb(request.sampling), request.request_id
+        )
+        async for output in stream:
+            yield worker_pb.DecodeResponse(
+                token_ids=output.new_token_ids,
+                logprobs=[logprob_to_pb(lp) for lp in output.new_logprobs],
+                finish_reason=FINISH_TO_PB[output.finish_reason],
+                cached_tokens=output.num_cached_tokens,
+            )

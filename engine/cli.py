@@ -84,14 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_args(up)
     up.add_argument("--prefill", type=int, default=1, help="prefill workers")
     up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument(
+        "--colocated",
+        action="store_true",
+        help="each of --prefill workers runs whole requests (no disaggregation)",
+    )
     up.set_defaults(func=cmd_up)
 
     serve = commands.add_parser("serve", help="run one service (what a container runs)")
-    serve.add_argument("role", choices=["gateway", "prefill", "decode"])
+    serve.add_argument("role", choices=["gateway", "prefill", "decode", "colocated"])
     add_engine_args(serve)
     add_mesh_args(serve)
     serve.add_argument("--prefill-addr", action="append", default=[], help="gateway: worker")
     serve.add_argument("--decode-addr", action="append", default=[], help="gateway: worker")
+    serve.add_argument("--colocated-addr", action="append", default=[], help="gateway: worker")
     serve.set_defaults(func=cmd_serve)
     return parser
 

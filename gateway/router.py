@@ -1,9 +1,13 @@
-"""Picks workers: least outstanding prefill tokens for prefill, most free KV blocks for decode.
+"""Picks workers by load and by prefix affinity.
 
-The gateway counts the prompt tokens it has in flight on each prefill worker itself (exact
-and immediate); decode capacity comes from each worker's Load report, refreshed in the
-background and adjusted for requests sent since. A worker whose calls fail with UNAVAILABLE,
-or whose Load stops answering, leaves the rotation until it answers again.
+Prefill (or colocated) workers: the gateway counts the uncached prompt tokens it has in flight
+on each worker itself (exact and immediate) and remembers which prompt blocks it sent where.
+A request goes to the worker already holding most of its leading blocks, as SGLang's
+cache-aware router and Dynamo's KV router do, but only among workers whose outstanding tokens
+are within ``max_imbalance_tokens`` of the least loaded one, so affinity cannot pile everything
+on one worker. Decode workers: most free KV blocks in their last Load report, less the
+requests sent since. A worker whose calls fail with UNAVAILABLE, or whose Load stops
+answering, leaves the rotation until it answers again.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from kvstore.block_hash import BlockHash
 from pdmesh.rpc import WorkerUnavailableError
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
@@ -24,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 LOAD_POLL_S = 0.5
 LOAD_TIMEOUT_S = 2.0
+#: Block hashes remembered per worker for affinity (an LRU; older prefixes are forgotten).
+AFFINITY_CAPACITY = 200_000
+STUBS = {
+    "prefill": worker_grpc.PrefillWorkerStub,
+    "decode": worker_grpc.DecodeWorkerStub,
+    "colocated": worker_grpc.ColocatedWorkerStub,
+}
 
 
 @dataclass(eq=False)
@@ -33,13 +47,32 @@ class Worker:
     channel: grpc.aio.Channel
     stub: Any
     healthy: bool = True
-    outstanding_prefill_tokens: int = 0
+    outstanding_tokens: int = 0
     in_flight: int = 0
+    routed_tokens: int = 0
     last_load: worker_pb.LoadReport = field(default_factory=worker_pb.LoadReport)
+    recent_blocks: OrderedDict[BlockHash, None] = field(default_factory=OrderedDict)
+    #: The last requests routed here (for operators and tests).
+    recent_requests: deque[str] = field(default_factory=lambda: deque(maxlen=256))
 
     @property
     def free_blocks(self) -> int:
         return self.last_load.num_free_blocks
+
+    def matched_blocks(self, hashes: Sequence[BlockHash]) -> int:
+        count = 0
+        for block_hash in hashes:
+            if block_hash not in self.recent_blocks:
+                break
+            count += 1
+        return count
+
+    def remember(self, hashes: Sequence[BlockHash]) -> None:
+        for block_hash in hashes:
+            self.recent_blocks[block_hash] = None
+            self.recent_blocks.move_to_end(block_hash)
+        while len(self.recent_blocks) > AFFINITY_CAPACITY:
+            self.recent_blocks.popitem(last=False)
 
 
 def connect(address: str, role: str) -> Worker:
@@ -50,19 +83,30 @@ def connect(address: str, role: str) -> Worker:
             ("grpc.max_send_message_length", 256 << 20),
         ],
     )
-    stub_type = worker_grpc.PrefillWorkerStub if role == "prefill" else worker_grpc.DecodeWorkerStub
-    return Worker(address, role, channel, stub_type(channel))
+    return Worker(address, role, channel, STUBS[role](channel))
 
 
 class Router:
-    def __init__(self, prefill_addresses: list[str], decode_addresses: list[str]) -> None:
+    def __init__(
+        self,
+        prefill_addresses: list[str],
+        decode_addresses: list[str],
+        colocated_addresses: list[str] | None = None,
+        max_imbalance_tokens: int = 4096,
+    ) -> None:
         self.prefill = [connect(a, "prefill") for a in prefill_addresses]
         self.decode = [connect(a, "decode") for a in decode_addresses]
+        self.colocated = [connect(a, "colocated") for a in colocated_addresses or []]
+        self.max_imbalance_tokens = max_imbalance_tokens
         self._poller: asyncio.Task[None] | None = None
 
     @property
+    def is_colocated(self) -> bool:
+        return bool(self.colocated)
+
+    @property
     def workers(self) -> list[Worker]:
-        return self.prefill + self.decode
+        return self.prefill + self.decode + self.colocated
 
     async def start(self) -> None:
         await self.refresh()
@@ -97,18 +141,30 @@ class Router:
             await asyncio.sleep(LOAD_POLL_S)
             await self.refresh()
 
-    def _healthy(self, pool: list[Worker]) -> list[Worker]:
-        healthy = [w for w in pool if w.healthy]
+    @staticmethod
+    def _healthy(pool: list[Worker], exclude: set[Worker] | None = None) -> list[Worker]:
+        healthy = [w for w in pool if w.healthy and w not in (exclude or set())]
         if not healthy:
             role = pool[0].role if pool else "any"
             raise WorkerUnavailableError(f"no healthy {role} worker")
         return healthy
 
-    def pick_prefill(self, exclude: set[Worker] | None = None) -> Worker:
-        candidates = [w for w in self._healthy(self.prefill) if w not in (exclude or set())]
-        if not candidates:
-            raise WorkerUnavailableError("no healthy prefill worker left to try")
-        return min(candidates, key=lambda w: (w.outstanding_prefill_tokens, w.in_flight))
+    def pick_prompt_worker(
+        self, hashes: Sequence[BlockHash], exclude: set[Worker] | None = None
+    ) -> tuple[Worker, int]:
+        """The prefill (or colocated) worker for a prompt with these block hashes, and how many
+        of its leading blocks that worker is believed to hold."""
+        pool = self.colocated or self.prefill
+        candidates = self._healthy(pool, exclude)
+        least = min(w.outstanding_tokens for w in candidates)
+        eligible = [
+            w for w in candidates if w.outstanding_tokens <= least + self.max_imbalance_tokens
+        ]
+        best = max(
+            eligible,
+            key=lambda w: (w.matched_blocks(hashes), -w.outstanding_tokens, -w.routed_tokens),
+        )
+        return best, best.matched_blocks(hashes)
 
     def pick_decode(self) -> Worker:
         # Requests sent since the last report have taken blocks the report still counts free.

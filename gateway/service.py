@@ -20,6 +20,7 @@ from engine.text_output import TextStream
 from gateway.router import Router, Worker
 from gateway.validation import ValidRequest, prompt_ids_of, validate
 from kvstore.base import KVStore
+from kvstore.block_hash import hash_full_blocks
 from pdmesh.convert import sampling_to_pb
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
@@ -74,6 +75,7 @@ class GatewayCore:
         store: KVStore,
         model_name: str,
         block_size: int,
+        namespace: bytes,
     ) -> None:
         self.tokenizer = tokenizer
         self.model_config = model_config
@@ -82,6 +84,8 @@ class GatewayCore:
         self.store = store
         self.model_name = model_name
         self.block_size = block_size
+        #: The workers' block-hash namespace, so the gateway names prompt blocks as they do.
+        self.namespace = namespace
         self.running: dict[str, Running] = {}
 
     async def generate(
@@ -107,16 +111,15 @@ class GatewayCore:
             await asyncio.to_thread(self.store.release, request.request_id)
 
     async def _run(self, state: Running) -> AsyncIterator[gen_pb.GenerateResponse]:
-        request = state.request
-        prefill = await self._prefill(request)
+        if self.router.is_colocated:
+            async for piece in self._colocated(state):
+                yield piece
+            return
+        prefill = await self._prefill(state)
         state.cached_tokens = prefill.cached_tokens
         reason = prefill.finish_reason
-        yield self._piece(
-            state,
-            [prefill.first_token_id],
-            [prefill.logprob] if prefill.HasField("logprob") else [],
-            reason,
-        )
+        logprobs = [prefill.logprob] if prefill.HasField("logprob") else []
+        yield self._piece(state, [prefill.first_token_id], logprobs, reason)
         if reason != UNSPECIFIED or state.text.stopped:
             return
         if state.aborted.is_set():
@@ -125,28 +128,59 @@ class GatewayCore:
         async for piece in self._decode(state, prefill):
             yield piece
 
-    async def _prefill(self, request: ValidRequest) -> worker_pb.PrefillResponse:
-        """One retry on another worker when a prefill worker is gone."""
-        tried: set[Worker] = set()
-        message = worker_pb.PrefillRequest(
+    async def _route_prompt(self, state: Running, exclude: set[Worker]) -> tuple[Worker, int]:
+        """A prefill (or colocated) worker and the prompt tokens it will have to compute."""
+        prompt = state.request.prompt_token_ids
+        hashes = hash_full_blocks(prompt, self.block_size, self.namespace)
+        worker, matched = self.router.pick_prompt_worker(hashes, exclude)
+        stored = await asyncio.to_thread(self.store.match_prefix, hashes)
+        uncached = len(prompt) - max(matched, stored) * self.block_size
+        worker.remember(hashes)
+        worker.routed_tokens += uncached
+        worker.recent_requests.append(state.request.request_id)
+        return worker, max(uncached, 1)
+
+    def _prompt_message(self, request: ValidRequest) -> worker_pb.PrefillRequest:
+        return worker_pb.PrefillRequest(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
             sampling=sampling_to_pb(request.params),
         )
+
+    async def _prefill(self, state: Running) -> worker_pb.PrefillResponse:
+        """One retry on another worker when a prefill worker is gone."""
+        tried: set[Worker] = set()
+        message = self._prompt_message(state.request)
         while True:
-            worker = self.router.pick_prefill(tried)
-            worker.outstanding_prefill_tokens += len(request.prompt_token_ids)
+            worker, uncached = await self._route_prompt(state, tried)
+            worker.outstanding_tokens += uncached
             worker.in_flight += 1
             try:
                 return await worker.stub.Prefill(message)  # type: ignore[no-any-return]
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or len(tried) >= 1:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or tried:
                     raise
                 self.router.mark_failed(worker)
                 tried.add(worker)
             finally:
-                worker.outstanding_prefill_tokens -= len(request.prompt_token_ids)
+                worker.outstanding_tokens -= uncached
                 worker.in_flight -= 1
+
+    async def _colocated(self, state: Running) -> AsyncIterator[gen_pb.GenerateResponse]:
+        worker, uncached = await self._route_prompt(state, set())
+        worker.outstanding_tokens += uncached
+        worker.in_flight += 1
+        call = worker.stub.Generate(self._prompt_message(state.request))
+        try:
+            first = True
+            async for piece in self._follow(state, call):
+                if first:  # prompt work is done once the first token is out
+                    worker.outstanding_tokens -= uncached
+                    uncached, first = 0, False
+                yield piece
+        finally:
+            worker.outstanding_tokens -= uncached
+            worker.in_flight -= 1
 
     async def _decode(
         self, state: Running, prefill: worker_pb.PrefillResponse
@@ -163,9 +197,20 @@ class GatewayCore:
                 kv=prefill.kv,
             )
         )
+        try:
+            async for piece in self._follow(state, call):
+                yield piece
+        finally:
+            worker.in_flight -= 1
+
+    async def _follow(self, state: Running, call: Any) -> AsyncIterator[gen_pb.GenerateResponse]:
+        """Relays a worker's token stream; a stop string or an Abort ends it early, and
+        cancelling the call frees the request on the worker."""
         aborted = asyncio.create_task(state.aborted.wait())
         try:
             async for piece in call:
+                if piece.cached_tokens:
+                    state.cached_tokens = piece.cached_tokens
                 response = self._piece(
                     state, list(piece.token_ids), list(piece.logprobs), piece.finish_reason
                 )
@@ -177,8 +222,7 @@ class GatewayCore:
                     return
         finally:
             aborted.cancel()
-            call.cancel()  # frees the request on the decode worker if it is still running
-            worker.in_flight -= 1
+            call.cancel()
 
     def _piece(
         self, state: Running, token_ids: list[int], logprobs: list[Any], reason: int
@@ -254,8 +298,8 @@ class GenerationServicer(gen_grpc.GenerationServicer):
             max_model_len=core.max_model_len,
             vocab_size=core.model_config.vocab_size,
             block_size=core.block_size,
-            num_prefill_workers=len(core.router.prefill),
-            num_decode_workers=len(core.router.decode),
+            num_prefill_workers=len(core.router.prefill or core.router.colocated),
+            num_decode_workers=len(core.router.decode or core.router.colocated),
         )
 
     async def Abort(

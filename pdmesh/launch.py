@@ -95,6 +95,7 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
         num_decode=args.decode,
         store=args.store,
         store_capacity_blocks=args.store_capacity_blocks,
+        colocated=args.colocated,
     )
 
     async def main() -> None:
@@ -120,10 +121,12 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
     async def main() -> None:
         store = open_store(args.store, args.store_capacity_blocks)
         if args.role == "gateway":
-            if not args.prefill_addr or not args.decode_addr:
-                raise ValueError("the gateway needs --prefill-addr and --decode-addr")
+            if not args.colocated_addr and not (args.prefill_addr and args.decode_addr):
+                raise ValueError(
+                    "the gateway needs --prefill-addr and --decode-addr, or --colocated-addr"
+                )
             server, core = await start_gateway(
-                engine, store, address, args.prefill_addr, args.decode_addr
+                engine, store, address, args.prefill_addr, args.decode_addr, args.colocated_addr
             )
 
             async def stop() -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.engine import Engine
+from engine.engine import Engine, cache_namespace
 from engine.model_source import load_model_config, resolve_model
 from engine.tokenizer import load_tokenizer
 from gateway.router import Router
@@ -28,7 +28,11 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode")
 GATEWAY_SERVICE = "pdmesh.v1.Generation"
-WORKER_SERVICES = {"prefill": "pdmesh.v1.PrefillWorker", "decode": "pdmesh.v1.DecodeWorker"}
+WORKER_SERVICES = {
+    "prefill": "pdmesh.v1.PrefillWorker",
+    "decode": "pdmesh.v1.DecodeWorker",
+    "colocated": "pdmesh.v1.ColocatedWorker",
+}
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,11 @@ class MeshConfig:
     #: "embedded", "redis://host:port/db" or "redis+shm://host:port/db".
     store: str = "embedded"
     store_capacity_blocks: int = 8192
+    #: One engine per worker does both roles (``num_prefill`` such workers, no decode pool).
+    colocated: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_prefill < 1 or self.num_decode < 1:
+        if self.num_prefill < 1 or (self.num_decode < 1 and not self.colocated):
             raise ValueError("a mesh needs at least one prefill and one decode worker")
         if not 0 <= self.gateway_port < 65536:
             raise ValueError(f"bad port {self.gateway_port}")
@@ -69,19 +75,24 @@ class WorkerHandle:
 async def start_worker(
     role: str, config: EngineConfig, store: KVStore, address: str
 ) -> WorkerHandle:
-    from decode_svc.service import DecodeServicer
+    from decode_svc.service import ColocatedServicer, DecodeServicer
     from prefill_svc.service import PrefillServicer
 
     server = Server(address, [WORKER_SERVICES[role]])
     await server.start()  # health answers NOT_SERVING while the model loads
-    engine = await asyncio.to_thread(Engine, config, store, role == "prefill")
+    kv_store = None if role == "colocated" else store
+    engine = await asyncio.to_thread(Engine, config, kv_store, role == "prefill")
     async_engine = AsyncEngine(engine, name=f"{role}-{server.port}")
     if role == "prefill":
         worker_grpc.add_PrefillWorkerServicer_to_server(
             PrefillServicer(async_engine), server.server
         )
-    else:
+    elif role == "decode":
         worker_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(async_engine), server.server)
+    else:
+        worker_grpc.add_ColocatedWorkerServicer_to_server(
+            ColocatedServicer(async_engine), server.server
+        )
     await server.set_serving()
     logger.info("%s worker serving on port %d", role, server.port)
     return WorkerHandle(role, server, async_engine)
@@ -93,13 +104,14 @@ async def start_gateway(
     address: str,
     prefill: list[str],
     decode: list[str],
+    colocated: list[str] | None = None,
 ) -> tuple[Server, GatewayCore]:
     server = Server(address, [GATEWAY_SERVICE])
     await server.start()
     source = resolve_model(config.model)
     model_config = load_model_config(source)
     tokenizer = await asyncio.to_thread(load_tokenizer, source)
-    router = Router(prefill, decode)
+    router = Router(prefill, decode, colocated)
     await router.start()
     limit = model_config.max_position_embeddings
     core = GatewayCore(
@@ -110,6 +122,7 @@ async def start_gateway(
         store,
         source.path.name,
         config.cache.block_size,
+        cache_namespace(source, model_config, config),
     )
     gen_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
     await server.set_serving()
@@ -135,6 +148,8 @@ class Mesh:
     async def start(self) -> None:
         config = self.config
         roles = ["prefill"] * config.num_prefill + ["decode"] * config.num_decode
+        if config.colocated:
+            roles = ["colocated"] * config.num_prefill
         for index, role in enumerate(roles):
             address = f"{config.host}:{config.worker_port(index)}"
             self.workers.append(await start_worker(role, config.engine, self.store, address))
@@ -144,6 +159,7 @@ class Mesh:
             f"{config.host}:{config.gateway_port}",
             [w.address for w in self.workers if w.role == "prefill"],
             [w.address for w in self.workers if w.role == "decode"],
+            [w.address for w in self.workers if w.role == "colocated"],
         )
 
     async def stop(self) -> None:

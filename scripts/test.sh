@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
-.venv/bin/mypy engine kernels kvstore bench
+.venv/bin/mypy engine kernels kvstore bench gateway pdmesh prefill_svc decode_svc
 .venv/bin/python -m pytest -q "$@"

@@ -357,3 +357,173 @@ class DecodeWorker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ColocatedWorkerStub:
+    """Runs whole requests on one engine: prefill chunks and decodes share each forward pass
+    (Sarathi-Serve stall-free batching). The single-device mode, and the baseline that
+    disaggregation is measured against.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Generate = channel.unary_stream(
+                '/pdmesh.v1.ColocatedWorker/Generate',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/pdmesh.v1.ColocatedWorker/Abort',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.WorkerAbortRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.WorkerAbortResponse.FromString,
+                _registered_method=True)
+        self.Load = channel.unary_unary(
+                '/pdmesh.v1.ColocatedWorker/Load',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.LoadRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.LoadReport.FromString,
+                _registered_method=True)
+
+
+class ColocatedWorkerServicer:
+    """Runs whole requests on one engine: prefill chunks and decodes share each forward pass
+    (Sarathi-Serve stall-free batching). The single-device mode, and the baseline that
+    disaggregation is measured against.
+    """
+
+    def Generate(self, request, context):
+        """Streams all of a request's tokens, the first included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Ends a request and frees its blocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Load(self, request, context):
+        """Current load, for routing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ColocatedWorkerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.WorkerAbortRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.WorkerAbortResponse.SerializeToString,
+            ),
+            'Load': grpc.unary_unary_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.LoadRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pdmesh.v1.ColocatedWorker', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pdmesh.v1.ColocatedWorker', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ColocatedWorker:
+    """Runs whole requests on one engine: prefill chunks and decodes share each forward pass
+    (Sarathi-Serve stall-free batching). The single-device mode, and the baseline that
+    disaggregation is measured against.
+    """
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdmesh.v1.ColocatedWorker/Generate',
+            pdmesh_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.ColocatedWorker/Abort',
+            pdmesh_dot_v1_dot_worker__pb2.WorkerAbortRequest.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.WorkerAbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Load(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.ColocatedWorker/Load',
+            pdmesh_dot_v1_dot_worker__pb2.LoadRequest.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.LoadReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -43,11 +43,11 @@ class MeshThread:
             with grpc.insecure_channel(worker.address) as channel:
                 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
 
-                stub_type = (
-                    worker_grpc.PrefillWorkerStub
-                    if worker.role == "prefill"
-                    else worker_grpc.DecodeWorkerStub
-                )
+                stub_type = {
+                    "prefill": worker_grpc.PrefillWorkerStub,
+                    "decode": worker_grpc.DecodeWorkerStub,
+                    "colocated": worker_grpc.ColocatedWorkerStub,
+                }[worker.role]
                 reports.append(stub_type(channel).Load(worker_pb.LoadRequest(), timeout=5))
         return reports
 
