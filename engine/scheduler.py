@@ -59,6 +59,7 @@ class Scheduler:
         self.blocks = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._preempted_this_step = False
 
     @property
     def has_unfinished(self) -> bool:
@@ -75,14 +76,18 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         imports: list[BlockImport] = []
         scheduled: set[Sequence] = set()
-        for seq in [s for s in self.running if s.num_uncomputed_tokens == 1]:
+        # A decode computes its last sampled token; a prompt's final token is still prefill
+        # (it waits for blocks rather than preempting anyone).
+        decoding = [s for s in self.running if s.output_token_ids and s.num_uncomputed_tokens == 1]
+        self._preempted_this_step = False
+        for seq in decoding:
             if budget == 0:
                 break
             if seq.status is SequenceStatus.RUNNING and self._reserve_decode(seq, scheduled):
                 chunks.append(ScheduledChunk.next_for(seq, 1))
                 scheduled.add(seq)
                 budget -= 1
-        for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
+        for seq in [s for s in self.running if s not in scheduled]:
             if budget == 0:
                 break
             num_tokens = self._fit(seq, min(seq.num_uncomputed_tokens, budget))
@@ -92,7 +97,13 @@ class Scheduler:
             chunks.append(ScheduledChunk.next_for(seq, num_tokens))
             scheduled.add(seq)
             budget -= num_tokens
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # After a preemption, admitting would only take back the blocks just freed (thrashing).
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+            and not self._preempted_this_step
+        ):
             admitted = self._admit(self.waiting[0], budget)
             if admitted is None:
                 break  # first come, first served: later requests wait behind this one
@@ -172,6 +183,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         seq.kv_import = None  # resume by recomputation: the store may have evicted the blocks
+        self._preempted_this_step = True
         self.waiting.appendleft(seq)  # resumes before anything that arrived after it
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
