@@ -211,7 +211,9 @@ def run(workload: Workload) -> tuple[list[Sequence], Tracker, int]:
     while arrivals or scheduler.has_unfinished:
         while arrivals and workload.requests[arrivals[0]].arrival_step <= step:
             scheduler.add(seqs[arrivals.pop(0)])
-        decoding = [s for s in scheduler.running if s.num_uncomputed_tokens == 1]
+        decoding = [
+            s for s in scheduler.running if s.output_token_ids and s.num_uncomputed_tokens == 1
+        ]
         preemptions = {s.request_id: s.num_preemptions for s in seqs}
         out = scheduler.schedule()
         assert out.chunks or not scheduler.has_unfinished, "work left but nothing scheduled"
