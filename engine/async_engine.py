@@ -61,6 +61,7 @@ class AsyncEngine:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     # -- asyncio side ------------------------------------------------------------------------
     async def generate(

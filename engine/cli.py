@@ -17,6 +17,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), help="default float32")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--tp", type=int, help="tensor-parallel ranks (serve; default 1)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +48,11 @@ def sampling_params_from(args: argparse.Namespace) -> SamplingParams:
 
 def engine_config_from(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.from_env(
-        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        tensor_parallel_size=getattr(args, "tp", None),
     )
 
 
@@ -84,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_args(up)
     up.add_argument("--prefill", type=int, default=1, help="prefill workers")
     up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument("--prefill-tp", type=int, default=1, help="ranks per prefill worker")
+    up.add_argument("--decode-tp", type=int, default=1, help="ranks per decode worker")
     up.add_argument(
         "--colocated",
         action="store_true",

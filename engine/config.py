@@ -160,12 +160,16 @@ class EngineConfig:
     load_format: str = "auto"
     #: Run decode steps eagerly instead of replaying CUDA graphs (CUDA only).
     enforce_eager: bool = False
+    #: Ranks (processes, one GPU each on CUDA) the model is sharded over.
+    tensor_parallel_size: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:

@@ -16,6 +16,7 @@ from engine.errors import InvalidRequestError
 from engine.kv_transfer import KVTransfer
 from engine.model_runner import ModelRunner
 from engine.model_source import ModelSource, load_model_config, resolve_model
+from engine.parallel import SINGLE
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
@@ -45,6 +46,20 @@ def cache_namespace(source: ModelSource, config: ModelConfig, engine: EngineConf
     ).encode()
 
 
+def check_tp_shape(config: ModelConfig, world: int) -> None:
+    """Heads split evenly over ranks (KV heads may instead be replicated)."""
+    kv = config.num_key_value_heads
+    if config.num_attention_heads % world or (kv % world and world % kv):
+        raise InvalidRequestError(
+            f"{config.num_attention_heads} attention / {kv} KV heads cannot be split over "
+            f"{world} tensor-parallel ranks"
+        )
+    if config.intermediate_size % world:
+        raise InvalidRequestError(
+            f"intermediate size {config.intermediate_size} is not divisible by {world} ranks"
+        )
+
+
 class Engine:
     """``kv_store`` connects the engine to the shared store: with ``publish_kv`` (the prefill
     role) computed prompt blocks are published to it; requests added with ``kv_import`` (the
@@ -58,7 +73,20 @@ class Engine:
         self.model_config = load_model_config(self.source)
         model_limit = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
-        self.runner = ModelRunner(config, self.model_config, self.source)
+        self.leader = None
+        if config.tensor_parallel_size > 1:
+            from engine.tensor_parallel import TPLeader, rank_device
+
+            check_tp_shape(self.model_config, config.tensor_parallel_size)
+            self.leader = TPLeader(config)
+        self.runner = ModelRunner(
+            config,
+            self.model_config,
+            self.source,
+            self.leader,
+            device=rank_device(config, 0) if self.leader else None,
+            tp=self.leader.group if self.leader else SINGLE,
+        )
         self.block_manager = BlockManager(
             self.runner.num_blocks,
             config.cache.block_size,
@@ -72,6 +100,12 @@ class Engine:
         self.publish_kv = publish_kv and self.kv is not None
         self.requests: dict[str, Sequence] = {}
         self.generator = torch.Generator(device=config.device).manual_seed(config.seed)
+
+    def shutdown(self) -> None:
+        """Stops tensor-parallel followers; the engine is unusable afterwards."""
+        if self.leader is not None:
+            self.leader.shutdown()
+            self.leader = None
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -156,6 +190,8 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        if self.leader is not None and not self.leader.followers_alive:
+            raise RuntimeError("a tensor-parallel rank died; this worker is out of service")
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             return []

@@ -12,7 +12,7 @@ from torch import nn
 
 from engine import ops
 from engine.config import RopeScaling
-from engine.parallel import all_gather_last_dim, all_reduce, divide, tp_rank, tp_size
+from engine.parallel import current_group, divide
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -37,7 +37,8 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.rank, self.world = tp_rank(), tp_size()
+        self.tp = current_group()
+        self.rank, self.world = self.tp.rank, self.tp.size
         self.weight = _param(divide(output_size, self.world), input_size)
         self.bias = _param(divide(output_size, self.world)) if bias else None
 
@@ -76,7 +77,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(
         self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
     ) -> None:
-        world = tp_size()
+        world = current_group().size
         self.num_heads = divide(num_heads, world)
         self.num_kv_heads = max(1, num_kv_heads // world)
         self.kv_replicas = max(1, world // num_kv_heads)
@@ -107,7 +108,8 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.rank, self.world = tp_rank(), tp_size()
+        self.tp = current_group()
+        self.rank, self.world = self.tp.rank, self.tp.size
         self.weight = _param(output_size, divide(input_size, self.world))
         self.bias = _param(output_size) if bias else None
 
@@ -120,7 +122,7 @@ class RowParallelLinear(nn.Module):
         _copy_into(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -129,7 +131,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.rank, self.world = tp_rank(), tp_size()
+        self.tp = current_group()
+        self.rank, self.world = self.tp.rank, self.tp.size
         self.vocab_per_rank = math.ceil(vocab_size / self.world)
         self.vocab_start = self.rank * self.vocab_per_rank
         self.vocab_size = vocab_size
@@ -148,14 +151,14 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         owned = (local >= 0) & (local < self.vocab_per_rank)
         out = F.embedding(local.clamp(0, self.vocab_per_rank - 1), self.weight)
-        return all_reduce(out * owned.unsqueeze(-1).to(out.dtype))
+        return self.tp.all_reduce(out * owned.unsqueeze(-1).to(out.dtype))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits; each rank scores its vocabulary slice."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.tp.all_gather(F.linear(hidden, self.weight), dim=-1)
         return logits[..., : self.vocab_size]
 
 

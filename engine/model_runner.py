@@ -4,18 +4,25 @@ forward pass and the next tokens."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from engine.attention import AttentionMetadata, PagedAttention
 from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.model_source import ModelSource
 from engine.models import MODEL_REGISTRY, LlamaForCausalLM
+from engine.parallel import SINGLE, TPGroup, tensor_parallel
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledChunk
 from engine.sequence import TokenLogprob
 from engine.weights import iter_weights
+
+if TYPE_CHECKING:
+    from engine.tensor_parallel import TPLeader
 
 logger = logging.getLogger(__name__)
 
@@ -42,22 +49,62 @@ def build_model(
     return model.eval()
 
 
+@dataclass(frozen=True)
+class PackedStep:
+    """One step's inputs as two integer lists (what crosses to tensor-parallel followers).
+
+    longs = input_ids + positions + slot_mapping; ints = seq_lens + cu_seqlens_q +
+    block_tables (row-major, num_seqs x max_blocks) + rows whose logits are sampled.
+    """
+
+    longs: list[int]
+    ints: list[int]
+    num_tokens: int
+    num_seqs: int
+    max_blocks: int
+    num_rows: int
+
+    def header(self) -> list[int]:
+        return [
+            len(self.longs),
+            len(self.ints),
+            self.num_tokens,
+            self.num_seqs,
+            self.max_blocks,
+            self.num_rows,
+        ]
+
+
 class ModelRunner:
-    def __init__(self, engine_config: EngineConfig, model_config: ModelConfig, source: ModelSource):
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        model_config: ModelConfig,
+        source: ModelSource,
+        leader: TPLeader | None = None,
+        device: str | None = None,
+        tp: TPGroup = SINGLE,
+    ):
         self.config = engine_config
         self.model_config = model_config
-        self.device = torch.device(engine_config.device)
+        #: Rank 0 of a tensor-parallel group tells its followers what to run.
+        self.leader = leader
+        self.tp = tp
+        self.device = torch.device(device or engine_config.device)
         self.dtype = engine_config.torch_dtype
         self.block_size = engine_config.cache.block_size
-        self.model = build_model(
-            model_config, source, self.dtype, engine_config.device, engine_config.load_format
-        )
+        with tensor_parallel(tp):
+            self.model = build_model(
+                model_config, source, self.dtype, str(self.device), engine_config.load_format
+            )
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.num_blocks = self._decide_num_blocks()
         self._allocate_kv_cache()
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not engine_config.enforce_eager:
+        # Under tensor parallelism decode runs eagerly for now (graphs would hold collectives).
+        use_graphs = engine_config.tensor_parallel_size == 1 and not engine_config.enforce_eager
+        if self.device.type == "cuda" and use_graphs:
             longest = engine_config.max_model_len or model_config.max_position_embeddings
             self.graphs = DecodeGraphs(
                 self.model,
@@ -72,6 +119,14 @@ class ModelRunner:
         return per_token * self.block_size * len(self.attention_layers)
 
     def _decide_num_blocks(self) -> int:
+        num_blocks = self._local_num_blocks()
+        if self.tp.size > 1:  # every rank's cache must have the same geometry
+            agreed = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.tp.group)
+            num_blocks = int(agreed.item())
+        return num_blocks
+
+    def _local_num_blocks(self) -> int:
         configured = self.config.cache.num_blocks
         if configured is not None:
             return configured
@@ -90,41 +145,65 @@ class ModelRunner:
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
 
+    # -- KV blocks to and from the shared store ------------------------------------------------
+    # A stored block holds every KV head: (layers, 2, block_size, all kv_heads, D). Under
+    # tensor parallelism each rank holds some heads, so reads gather and writes slice; the
+    # stored layout is the same whatever the TP size of the writer or the reader.
+    @torch.inference_mode()
     def read_blocks(self, block_ids: list[int]) -> list[bytes]:
-        """Each block's K and V for every layer, (layers, 2, block_size, kv_heads, D), as bytes."""
-        index = torch.tensor(block_ids, device=self.device)
-        stacked = torch.stack(
-            [
-                torch.stack((a.k_cache[index], a.v_cache[index]), dim=1)
-                for a in self.attention_layers
-            ],
-            dim=1,
-        )  # (num_blocks, layers, 2, block_size, kv_heads, D)
-        raw = stacked.contiguous().view(torch.uint8).reshape(len(block_ids), -1).cpu()
+        if self.leader is not None:
+            self.leader.send_read(block_ids)
+        full = self.gather_heads(self._local_blocks(block_ids))
+        raw = full.contiguous().view(torch.uint8).reshape(len(block_ids), -1).cpu()
         return [bytes(row.numpy()) for row in raw]
 
+    def _local_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        index = torch.tensor(block_ids, device=self.device)
+        layers = self.attention_layers
+        return torch.stack(
+            [torch.stack((a.k_cache[index], a.v_cache[index]), dim=1) for a in layers], dim=1
+        )  # (num_blocks, layers, 2, block_size, local kv_heads, D)
+
+    def gather_heads(self, local: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.tp.size)]
+        dist.all_gather(parts, local.contiguous(), group=self.tp.group)
+        return torch.cat(parts[:: self._kv_replicas()], dim=4)  # one copy of each head shard
+
+    def _kv_replicas(self) -> int:
+        """Ranks holding the same KV heads (when there are fewer KV heads than ranks)."""
+        return max(1, self.tp.size // self.model_config.num_key_value_heads)
+
+    @torch.inference_mode()
     def write_blocks(self, block_ids: list[int], data: list[bytes]) -> None:
+        raw = torch.stack([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data])
+        if self.leader is not None:
+            self.leader.send_write(block_ids, raw)
+        self.write_local(block_ids, raw.to(self.device))
+
+    def write_local(self, block_ids: list[int], raw: torch.Tensor) -> None:
+        """raw: (num_blocks, bytes of a full block); this rank keeps its KV heads."""
         layer = self.attention_layers[0]
-        shape = (len(self.attention_layers), 2, self.block_size, layer.num_kv_heads, layer.head_dim)
-        blocks = (
-            torch.stack([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data])
-            .view(self.dtype)
-            .view(len(block_ids), *shape)
-            .to(self.device)
-        )
+        total_heads = self.model_config.num_key_value_heads
+        shape = (len(self.attention_layers), 2, self.block_size, total_heads, layer.head_dim)
+        blocks = raw.view(self.dtype).view(len(block_ids), *shape)
+        shard = self.tp.rank // self._kv_replicas()
+        heads = blocks[..., shard * layer.num_kv_heads : (shard + 1) * layer.num_kv_heads, :]
         index = torch.tensor(block_ids, device=self.device)
         for i, attn in enumerate(self.attention_layers):
-            attn.k_cache[index] = blocks[:, i, 0]
-            attn.v_cache[index] = blocks[:, i, 1]
+            attn.k_cache[index] = heads[:, i, 0]
+            attn.v_cache[index] = heads[:, i, 1]
 
-    def _prepare(
-        self, chunks: list[ScheduledChunk]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    # -- one forward pass -----------------------------------------------------------------------
+    def _pack(self, chunks: list[ScheduledChunk]) -> PackedStep:
+        """The step as two flat integer lists: every rank rebuilds the same inputs from it."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         seq_lens: list[int] = []
         cu_seqlens_q = [0]
+        rows: list[int] = []
         for chunk in chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.end
             input_ids.extend(seq.tokens_between(start, end))
@@ -136,24 +215,22 @@ class ModelRunner:
             )
             seq_lens.append(end)
             cu_seqlens_q.append(cu_seqlens_q[-1] + chunk.num_tokens)
+            if chunk.completes:
+                rows.append(cu_seqlens_q[-1] - 1)
         max_blocks = max(len(c.seq.block_table) for c in chunks)
         tables: list[int] = []
         for chunk in chunks:
             table = chunk.seq.block_table
             tables.extend(table)
             tables.extend([0] * (max_blocks - len(table)))
-        # Two host-to-device copies per step (one per dtype), then views into them.
-        num_tokens, num_seqs = len(input_ids), len(chunks)
-        longs = self._to_device(input_ids + positions + slots, torch.int64)
-        ints = self._to_device(seq_lens + cu_seqlens_q + tables, torch.int32)
-        meta = AttentionMetadata(
-            slot_mapping=longs[2 * num_tokens :],
-            block_tables=ints[2 * num_seqs + 1 :].view(num_seqs, max_blocks),
-            seq_lens=ints[:num_seqs],
-            cu_seqlens_q=ints[num_seqs : 2 * num_seqs + 1],
-            is_decode=num_tokens == num_seqs,
+        return PackedStep(
+            longs=input_ids + positions + slots,
+            ints=seq_lens + cu_seqlens_q + tables + rows,
+            num_tokens=len(input_ids),
+            num_seqs=len(chunks),
+            max_blocks=max_blocks,
+            num_rows=len(rows),
         )
-        return longs[:num_tokens], longs[num_tokens : 2 * num_tokens], meta
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         host = torch.tensor(values, dtype=dtype)
@@ -162,18 +239,39 @@ class ModelRunner:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> list[tuple[int, TokenLogprob | None]]:
-        """Runs one forward pass over every chunk; returns the next token of each chunk that
-        completes its sequence's computed tokens (in chunk order)."""
-        input_ids, positions, meta = self._prepare(chunks)
+    def forward_packed(
+        self, step: PackedStep, longs: torch.Tensor, ints: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Runs the model on a packed step; returns logits of the rows to sample (or None)."""
+        tokens, seqs = step.num_tokens, step.num_seqs
+        tables_end = 2 * seqs + 1 + seqs * step.max_blocks
+        meta = AttentionMetadata(
+            slot_mapping=longs[2 * tokens :],
+            block_tables=ints[2 * seqs + 1 : tables_end].view(seqs, step.max_blocks),
+            seq_lens=ints[:seqs],
+            cu_seqlens_q=ints[seqs : 2 * seqs + 1],
+            is_decode=tokens == seqs,
+        )
+        input_ids, positions = longs[:tokens], longs[tokens : 2 * tokens]
         if self.graphs is not None and self.graphs.fits(meta):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, meta)  # (num_tokens, hidden)
-        last_rows = [meta_end - 1 for meta_end in meta.cu_seqlens_q[1:].tolist()]
-        sampled = [i for i, c in enumerate(chunks) if c.completes]
-        if not sampled:
+        if step.num_rows == 0:
+            return None
+        return self.model.compute_logits(hidden[ints[tables_end:].long()])
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> list[tuple[int, TokenLogprob | None]]:
+        """Runs one forward pass over every chunk; returns the next token of each chunk that
+        completes its sequence's computed tokens (in chunk order)."""
+        step = self._pack(chunks)
+        # Two host-to-device copies per step (one per dtype); the model reads views of them.
+        longs = self._to_device(step.longs, torch.int64)
+        ints = self._to_device(step.ints, torch.int32)
+        if self.leader is not None:
+            self.leader.send_forward(step, longs, ints)
+        logits = self.forward_packed(step, longs, ints)
+        if logits is None:
             return []
-        rows = torch.tensor([last_rows[i] for i in sampled], device=self.device)
-        logits = self.model.compute_logits(hidden[rows])  # (num_sampled, vocab)
-        return self.sampler(logits, [chunks[i].seq for i in sampled])
+        return self.sampler(logits, [c.seq for c in chunks if c.completes])

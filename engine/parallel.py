@@ -1,30 +1,59 @@
-"""Tensor-parallel group state. Without an initialized process group this is rank 0 of 1, so
-single-device code pays nothing; TP layers read it, model files never do."""
+"""Tensor-parallel group of the model being built or run.
+
+Layer types read the current group when they are constructed (``tensor_parallel(...)``
+around model construction) and keep it; a process may hold a sharded engine beside unsharded
+ones, so nothing here consults torch.distributed's global state. Outside any group a layer
+is rank 0 of 1 and pays nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 
-def tp_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+@dataclass(frozen=True)
+class TPGroup:
+    rank: int = 0
+    size: int = 1
+    #: The torch.distributed group of the ranks; None when size is 1.
+    group: Any = None
 
-
-def tp_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if tp_size() > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    if tp_size() == 1:
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
         return x
-    parts = [torch.empty_like(x) for _ in range(tp_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=-1)
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+
+SINGLE = TPGroup()
+_current = SINGLE
+
+
+@contextlib.contextmanager
+def tensor_parallel(group: TPGroup) -> Iterator[TPGroup]:
+    """Layers constructed inside take ``group``'s rank and size."""
+    global _current
+    previous, _current = _current, group
+    try:
+        yield group
+    finally:
+        _current = previous
+
+
+def current_group() -> TPGroup:
+    return _current
 
 
 def divide(numerator: int, denominator: int) -> int:

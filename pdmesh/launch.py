@@ -96,6 +96,8 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
         store=args.store,
         store_capacity_blocks=args.store_capacity_blocks,
         colocated=args.colocated,
+        prefill_tp=args.prefill_tp,
+        decode_tp=args.decode_tp,
     )
 
     async def main() -> None:

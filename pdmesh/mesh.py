@@ -8,6 +8,7 @@ share an in-process KV store. ``pdmesh serve ROLE`` runs one service, as a conta
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -50,10 +51,21 @@ class MeshConfig:
     store_capacity_blocks: int = 8192
     #: One engine per worker does both roles (``num_prefill`` such workers, no decode pool).
     colocated: bool = False
+    #: Tensor-parallel ranks of each prefill / decode worker.
+    prefill_tp: int = 1
+    decode_tp: int = 1
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or (self.num_decode < 1 and not self.colocated):
             raise ValueError("a mesh needs at least one prefill and one decode worker")
+        # One process holds one tensor-parallel group: in `pdmesh up` (one process) at most
+        # one worker may be sharded. Larger layouts run `pdmesh serve ROLE --tp N` per worker.
+        sharded = self.num_prefill * (self.prefill_tp > 1) + self.num_decode * (self.decode_tp > 1)
+        if sharded > 1:
+            raise ValueError(
+                "pdmesh up runs at most one tensor-parallel worker; "
+                "start sharded workers with `pdmesh serve prefill|decode --tp N`"
+            )
         if not 0 <= self.gateway_port < 65536:
             raise ValueError(f"bad port {self.gateway_port}")
 
@@ -150,9 +162,15 @@ class Mesh:
         roles = ["prefill"] * config.num_prefill + ["decode"] * config.num_decode
         if config.colocated:
             roles = ["colocated"] * config.num_prefill
+        tp = {
+            "prefill": config.prefill_tp,
+            "decode": config.decode_tp,
+            "colocated": config.prefill_tp,
+        }
         for index, role in enumerate(roles):
             address = f"{config.host}:{config.worker_port(index)}"
-            self.workers.append(await start_worker(role, config.engine, self.store, address))
+            engine = dataclasses.replace(config.engine, tensor_parallel_size=tp[role])
+            self.workers.append(await start_worker(role, engine, self.store, address))
         self.gateway, self.core = await start_gateway(
             config.engine,
             self.store,

@@ -1,0 +1,85 @@
+"""Tensor parallelism on the CPU with gloo: sharded engines produce the same greedy tokens as
+unsharded ones, and the KV hand-off works across different TP sizes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.config import CacheConfig, EngineConfig
+from engine.errors import InvalidRequestError
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from pdmesh.mesh import MeshConfig
+from tests.mesh.harness import MeshThread, generate
+from tests.mesh.test_mesh_e2e import to_request
+from tests.test_hf_parity import PROMPTS
+from tests.test_tiny_models import random_prompts
+from tests.tiny_models import save_tiny_model
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+def sharded(config: EngineConfig) -> Iterator[LLM]:
+    llm = LLM(config)
+    try:
+        yield llm
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("kind", "world"),
+    [("llama3", 2), ("qwen2", 2), ("mistral_window", 2)],  # mistral_window: 1 KV head, replicated
+)
+def test_tiny_models_tp_equals_tp1(kind: str, world: int, tmp_path: Path) -> None:
+    directory = str(save_tiny_model(kind, tmp_path))
+    prompts = random_prompts(6, seed=world)
+    cache = CacheConfig(block_size=8)
+    expected = LLM(EngineConfig(model=directory, device="cpu", cache=cache)).generate(
+        prompts, GREEDY
+    )
+    for llm in sharded(
+        EngineConfig(model=directory, device="cpu", cache=cache, tensor_parallel_size=world)
+    ):
+        got = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+
+
+def test_default_model_tp3_equals_tp1(smol_llm: LLM) -> None:
+    # SmolLM2 has 9 query and 3 KV heads: 3 ranks divide them, 2 do not.
+    params = SamplingParams(max_tokens=32, temperature=0)
+    expected = smol_llm.generate(PROMPTS, params)
+    for llm in sharded(EngineConfig(device="cpu", tensor_parallel_size=3)):
+        got = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+
+
+def test_unsplittable_heads_are_rejected_clearly() -> None:
+    with pytest.raises(InvalidRequestError, match="cannot be split over 2"):
+        LLM(EngineConfig(device="cpu", tensor_parallel_size=2))
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(3, 1), (1, 3)])
+def test_hand_off_across_tp_sizes(prefill_tp: int, decode_tp: int, smol_llm: LLM) -> None:
+    harness = MeshThread(
+        MeshConfig(
+            engine=EngineConfig(device="cpu"),
+            gateway_port=0,
+            num_prefill=1,
+            num_decode=1,
+            prefill_tp=prefill_tp,
+            decode_tp=decode_tp,
+        )
+    )
+    try:
+        expected = smol_llm.generate(PROMPTS[:4], SamplingParams(max_tokens=24, temperature=0))
+        for prompt, want in zip(PROMPTS[:4], expected, strict=True):
+            got = generate(harness.stub, to_request(prompt, max_tokens=24, temperature=0))
+            assert list(got.token_ids) == want.token_ids
+        harness.wait_idle()
+        assert harness.is_idle()
+    finally:
+        harness.close()
