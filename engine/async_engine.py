@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from engine.engine import Engine, StepOutput
-from engine.errors import PdmeshError
+from engine.errors import PdmeshError, WorkerLostError
 from engine.sampling_params import SamplingParams
 from kvstore.block_hash import BlockHash
 
@@ -48,8 +48,16 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, name: str = "engine") -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        name: str = "engine",
+        on_lost: Callable[[], object] | None = None,
+    ) -> None:
         self.engine = engine
+        #: False once the engine can no longer serve; ``on_lost`` runs once at that moment.
+        self.healthy = True
+        self._on_lost = on_lost
         self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
@@ -79,6 +87,9 @@ class AsyncEngine:
         finished = False
 
         def add() -> None:
+            if not self.healthy:
+                stream.push(WorkerLostError("this worker is out of service"))
+                return
             try:
                 self.engine.add_request(
                     prompt_token_ids, params, request_id, output_token_ids, kv_import
@@ -133,6 +144,10 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+            except WorkerLostError as error:
+                logger.error("%s", error)
+                self._lose(error)
+                continue
             except Exception as error:
                 logger.exception("engine step failed")
                 self._fail_all(EngineStepError(f"engine step failed: {error}"))
@@ -141,6 +156,12 @@ class AsyncEngine:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
                     stream.push(output)
+
+    def _lose(self, error: WorkerLostError) -> None:
+        self._fail_all(error)
+        if self.healthy and self._on_lost is not None:
+            self._on_lost()
+        self.healthy = False
 
     def _drain_commands(self) -> None:
         while True:

@@ -12,7 +12,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, WorkerLostError
 from engine.kv_transfer import KVTransfer
 from engine.model_runner import ModelRunner
 from engine.model_source import ModelSource, load_model_config, resolve_model
@@ -191,7 +191,7 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         if self.leader is not None and not self.leader.followers_alive:
-            raise RuntimeError("a tensor-parallel rank died; this worker is out of service")
+            raise WorkerLostError("a tensor-parallel rank died; this worker is out of service")
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             return []

@@ -11,3 +11,7 @@ class InvalidRequestError(PdmeshError, ValueError):
 
 class RequestNotFoundError(PdmeshError, KeyError):
     """No request with that id is known (finished, aborted or never added)."""
+
+
+class WorkerLostError(PdmeshError):
+    """The worker can no longer serve (a tensor-parallel rank died)."""

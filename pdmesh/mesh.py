@@ -94,7 +94,12 @@ async def start_worker(
     await server.start()  # health answers NOT_SERVING while the model loads
     kv_store = None if role == "colocated" else store
     engine = await asyncio.to_thread(Engine, config, kv_store, role == "prefill")
-    async_engine = AsyncEngine(engine, name=f"{role}-{server.port}")
+    loop = asyncio.get_running_loop()
+
+    def on_lost() -> None:  # from the engine thread: health turns NOT_SERVING
+        asyncio.run_coroutine_threadsafe(server.set_not_serving(), loop)
+
+    async_engine = AsyncEngine(engine, name=f"{role}-{server.port}", on_lost=on_lost)
     if role == "prefill":
         worker_grpc.add_PrefillWorkerServicer_to_server(
             PrefillServicer(async_engine), server.server

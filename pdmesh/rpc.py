@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.errors import InvalidRequestError, RequestNotFoundError
+from engine.errors import InvalidRequestError, RequestNotFoundError, WorkerLostError
 from kvstore.errors import StoreFullError
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(error)
     if isinstance(error, (OverloadedError, StoreFullError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, WorkerUnavailableError):
+    if isinstance(error, (WorkerUnavailableError, WorkerLostError)):
         return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error) or "deadline exceeded"
@@ -137,6 +137,9 @@ class Server:
 
     async def set_serving(self) -> None:
         await self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_not_serving(self) -> None:
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace: float = 1.0) -> None:
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)

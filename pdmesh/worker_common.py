@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from engine.async_engine import AsyncEngine
+from engine.errors import WorkerLostError
 from pdmesh.v1 import worker_pb2 as worker_pb
 
 
@@ -22,4 +23,6 @@ class WorkerBase:
     async def Load(
         self, request: worker_pb.LoadRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb.LoadReport:
+        if not self.engine.healthy:  # the router takes this worker out of rotation
+            raise WorkerLostError("this worker is out of service")
         return worker_pb.LoadReport(**self.engine.load().__dict__)

@@ -6,13 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.config import CacheConfig, EngineConfig
 from engine.errors import InvalidRequestError
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from pdmesh.mesh import MeshConfig
+from pdmesh.v1 import generation_pb2 as gen_pb
 from tests.mesh.harness import MeshThread, generate
 from tests.mesh.test_mesh_e2e import to_request
 from tests.test_hf_parity import PROMPTS
@@ -81,5 +84,55 @@ def test_hand_off_across_tp_sizes(prefill_tp: int, decode_tp: int, smol_llm: LLM
             assert list(got.token_ids) == want.token_ids
         harness.wait_idle()
         assert harness.is_idle()
+    finally:
+        harness.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(save_tiny_model("llama3", tmp_path_factory.mktemp("tp_mesh")))
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2)])
+def test_tiny_hand_off_across_tp2(prefill_tp: int, decode_tp: int, tiny_dir: str) -> None:
+    prompts = random_prompts(4, seed=11)
+    expected = LLM(EngineConfig(model=tiny_dir, device="cpu")).generate(prompts, GREEDY)
+    harness = MeshThread(
+        MeshConfig(
+            engine=EngineConfig(model=tiny_dir, device="cpu"),
+            gateway_port=0,
+            prefill_tp=prefill_tp,
+            decode_tp=decode_tp,
+        )
+    )
+    try:
+        for prompt, want in zip(prompts, expected, strict=True):
+            request = gen_pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=24, temperature=0)
+            assert list(generate(harness.stub, request).token_ids) == want.token_ids
+    finally:
+        harness.close()
+
+
+def test_dead_rank_takes_the_worker_out_of_service(tiny_dir: str) -> None:
+    harness = MeshThread(
+        MeshConfig(engine=EngineConfig(model=tiny_dir, device="cpu"), gateway_port=0, prefill_tp=2)
+    )
+    try:
+        request = gen_pb.GenerateRequest(prompt_token_ids=[1, 2, 3], max_tokens=4, temperature=0)
+        assert len(generate(harness.stub, request).token_ids) == 4
+        prefill = harness.mesh.workers[0]
+        leader = prefill.engine.engine.leader
+        assert leader is not None
+        leader.followers[0].kill()
+        leader.followers[0].join()
+        with pytest.raises(grpc.RpcError) as info:
+            generate(harness.stub, request)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(prefill.address) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=10
+            )
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert harness.mesh.store.stats().num_pinned_blocks == 0
     finally:
         harness.close()
