@@ -195,6 +195,10 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             return []
+        if self.kv is not None and not self.publish_kv:
+            for seq in scheduled.preempted:
+                # Resume from the prompt blocks still in the store rather than recomputing.
+                seq.kv_import = self.kv.stored_prefix(seq.prompt_token_ids)
         for block_import in scheduled.imports:
             assert self.kv is not None
             self.kv.load(block_import, keep_pins=self.publish_kv)

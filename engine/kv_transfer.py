@@ -21,6 +21,8 @@ class KVTransfer:
         self.runner = runner
         self.block_size = runner.block_size
         self.namespace = namespace
+        #: Blocks filled from the store so far (metrics and tests).
+        self.num_loaded_blocks = 0
 
     def prompt_hashes(self, seq: Sequence) -> list[BlockHash]:
         """Names of the prompt's blocks, the partial last one included."""
@@ -43,6 +45,10 @@ class KVTransfer:
         start = seq.num_published_blocks
         if num_full <= start:
             return
+        # Hashes exist even when the local prefix cache is off.
+        seq.block_hashes = hash_full_blocks(
+            seq.token_ids, self.block_size, self.namespace, seq.block_hashes
+        )
         hashes = seq.block_hashes[start:num_full]
         self._put(seq.request_id, seq.block_table[start:num_full], hashes)
         seq.num_published_blocks = num_full
@@ -75,6 +81,7 @@ class KVTransfer:
         owner = imp.seq.request_id
         try:
             self.runner.write_blocks(imp.block_ids, self.store.get(owner, imp.hashes))
+            self.num_loaded_blocks += len(imp.block_ids)
         finally:
             if not keep_pins:
                 self.store.release(owner)

@@ -51,6 +51,8 @@ class BlockImport:
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
     imports: list[BlockImport]
+    #: Sequences preempted this step (their blocks are freed; they wait to resume).
+    preempted: list[Sequence]
 
 
 class Scheduler:
@@ -59,7 +61,7 @@ class Scheduler:
         self.blocks = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._preempted_this_step = False
+        self._preempted_this_step: list[Sequence] = []
 
     @property
     def has_unfinished(self) -> bool:
@@ -79,7 +81,7 @@ class Scheduler:
         # A decode computes its last sampled token; a prompt's final token is still prefill
         # (it waits for blocks rather than preempting anyone).
         decoding = [s for s in self.running if s.output_token_ids and s.num_uncomputed_tokens == 1]
-        self._preempted_this_step = False
+        self._preempted_this_step = []
         for seq in decoding:
             if budget == 0:
                 break
@@ -112,7 +114,7 @@ class Scheduler:
                 imports.append(block_import)
             chunks.append(chunk)
             budget -= chunk.num_tokens
-        return SchedulerOutput(chunks, imports)
+        return SchedulerOutput(chunks, imports, self._preempted_this_step)
 
     def _admit(
         self, seq: Sequence, budget: int
@@ -183,7 +185,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         seq.kv_import = None  # resume by recomputation: the store may have evicted the blocks
-        self._preempted_this_step = True
+        self._preempted_this_step.append(seq)
         self.waiting.appendleft(seq)  # resumes before anything that arrived after it
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from engine.config import EngineConfig
+from engine.config import CacheConfig, EngineConfig
 from engine.engine import Engine
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from kvstore.embedded import EmbeddedKVStore
+from tests.tiny_models import save_tiny_model
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
 
@@ -93,3 +95,31 @@ def test_hand_off_with_wrong_block_count_is_rejected(
     decode_engine = engines[2]
     with pytest.raises(InvalidRequestError, match="names 1 blocks"):
         decode_engine.add_request([1] * 40, GREEDY, "bad", [5], [b"x" * 16])
+
+
+def test_preempted_decode_resumes_from_store_blocks(tmp_path: Path) -> None:
+    directory = str(save_tiny_model("llama3", tmp_path))
+    store = EmbeddedKVStore(capacity_blocks=256)
+    cache = CacheConfig(block_size=8, enable_prefix_caching=False)
+    prefill_engine = Engine(EngineConfig(model=directory, device="cpu", cache=cache), store, True)
+    tight = dataclasses.replace(cache, num_blocks=14)
+    decode_engine = Engine(EngineConfig(model=directory, device="cpu", cache=tight), store)
+    reference = LLM(EngineConfig(model=directory, device="cpu", cache=cache))
+    prompts = [[(5 * i + j) % 512 for j in range(30)] for i in range(4)]
+    params = SamplingParams(max_tokens=20, temperature=0)
+    expected = reference.generate(prompts, params)
+    for index, prompt in enumerate(prompts):
+        first = prefill(prefill_engine, prompt, params, f"r{index}")
+        decode_engine.add_request(prompt, params, f"r{index}", first.new_token_ids, first.kv_hashes)
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(4)}
+    seqs = list(decode_engine.requests.values())
+    while decode_engine.has_unfinished:
+        for output in decode_engine.step():
+            tokens[output.request_id] += output.new_token_ids
+    assert sum(s.num_preemptions for s in seqs) > 0, "14 blocks of 8 cannot hold 4 x 50 tokens"
+    loaded = decode_engine.kv.num_loaded_blocks  # type: ignore[union-attr]
+    assert loaded > 4 * 4, "resumed requests reloaded prompt blocks from the store"
+    for index, want in enumerate(expected):
+        assert want.token_ids[0:1] + tokens[f"r{index}"] == want.token_ids
+    assert decode_engine.block_manager.allocator.num_used == 0
+    assert store.stats().num_pinned_blocks == 0
