@@ -15,13 +15,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from engine.engine import Engine, StepOutput
-from engine.errors import PdmeshError, WorkerLostError
+from engine.errors import InvalidRequestError, PdmeshError, WorkerLostError
 from engine.sampling_params import SamplingParams
+from engine.sequence import FinishReason
 from kvstore.block_hash import BlockHash
 
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05
+
+
+def aborted_output(request_id: str, num_prompt_tokens: int) -> StepOutput:
+    return StepOutput(request_id, [], [], FinishReason.ABORT, num_prompt_tokens, 0)
 
 
 class EngineStepError(PdmeshError):
@@ -69,7 +74,8 @@ class AsyncEngine:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
-        self.engine.shutdown()
+        if not self._thread.is_alive():  # never race the engine thread's collectives
+            self.engine.shutdown()
 
     # -- asyncio side ------------------------------------------------------------------------
     async def generate(
@@ -82,6 +88,8 @@ class AsyncEngine:
     ) -> AsyncIterator[StepOutput]:
         """Step outputs of one request until it finishes. Leaving early (cancellation, an
         exception in the consumer) aborts the request and frees its blocks."""
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already running here")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         finished = False
@@ -107,12 +115,23 @@ class AsyncEngine:
                 finished = item.finish_reason is not None
                 yield item
         finally:
-            self._streams.pop(request_id, None)
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
             if not finished:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._submit(lambda: self.engine.abort(request_id))
+        """Ends the request; a caller still waiting on its stream gets a final ABORT output."""
+
+        def command() -> None:
+            seq = self.engine.requests.get(request_id)
+            if not self.engine.abort(request_id) or seq is None:
+                return
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.push(aborted_output(seq.request_id, len(seq.prompt_token_ids)))
+
+        self._submit(command)
 
     def load(self) -> LoadStats:
         """A snapshot read from another thread: counters only, no structure is mutated."""
@@ -144,18 +163,25 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except WorkerLostError as error:
-                logger.error("%s", error)
-                self._lose(error)
-                continue
             except Exception as error:
-                logger.exception("engine step failed")
-                self._fail_all(EngineStepError(f"engine step failed: {error}"))
+                self._step_failed(error)
                 continue
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
                     stream.push(output)
+
+    def _step_failed(self, error: Exception) -> None:
+        if isinstance(error, WorkerLostError):
+            logger.error("%s", error)
+            self._lose(error)
+        elif self.engine.leader is not None:
+            # Ranks may now disagree on the next collective: stop serving rather than guess.
+            logger.exception("tensor-parallel step failed")
+            self._lose(WorkerLostError(f"tensor-parallel step failed: {error}"))
+        else:  # fail the step's requests, keep serving
+            logger.exception("engine step failed")
+            self._fail_all(EngineStepError(f"engine step failed: {error}"))
 
     def _lose(self, error: WorkerLostError) -> None:
         self._fail_all(error)

@@ -178,6 +178,8 @@ class Engine:
         if seq is None:
             return False
         self.scheduler.finish(seq, FinishReason.ABORT)
+        if self.kv is not None:  # blocks this worker pinned for the request are not needed now
+            self.kv.store.release(request_id)
         return True
 
     @property
@@ -193,18 +195,25 @@ class Engine:
         if self.leader is not None and not self.leader.followers_alive:
             raise WorkerLostError("a tensor-parallel rank died; this worker is out of service")
         scheduled = self.scheduler.schedule()
-        if not scheduled.chunks:
-            return []
         if self.kv is not None and not self.publish_kv:
             for seq in scheduled.preempted:
                 # Resume from the prompt blocks still in the store rather than recomputing.
                 seq.kv_import = self.kv.stored_prefix(seq.prompt_token_ids)
+        if not scheduled.chunks:
+            return []
+        chunks = scheduled.chunks
         for block_import in scheduled.imports:
             assert self.kv is not None
-            self.kv.load(block_import, keep_pins=self.publish_kv)
-        sampled = iter(self.runner.execute(scheduled.chunks))
+            try:
+                self.kv.load(block_import, keep_pins=self.publish_kv)
+            except KeyError:  # evicted since it was named: recompute the request instead
+                self.scheduler.requeue(block_import.seq)
+                chunks = [c for c in chunks if c.seq is not block_import.seq]
+        if not chunks:
+            return []
+        sampled = iter(self.runner.execute(chunks))
         outputs = []
-        for chunk in scheduled.chunks:
+        for chunk in chunks:
             seq = chunk.seq
             seq.num_computed_tokens = chunk.end
             self.block_manager.commit_computed(seq)

@@ -179,6 +179,10 @@ class Scheduler:
         room = (len(seq.block_table) + self.blocks.num_free_blocks) * block_size
         return max(0, min(num_tokens, room - seq.num_computed_tokens))
 
+    def requeue(self, seq: Sequence) -> None:
+        """Puts an admitted sequence back at the front of the queue to be recomputed."""
+        self._preempt(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)

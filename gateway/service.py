@@ -119,7 +119,8 @@ class GatewayCore:
         state.cached_tokens = prefill.cached_tokens
         reason = prefill.finish_reason
         logprobs = [prefill.logprob] if prefill.HasField("logprob") else []
-        yield self._piece(state, [prefill.first_token_id], logprobs, reason)
+        first = [] if reason == gen_pb.FINISH_REASON_ABORT else [prefill.first_token_id]
+        yield self._piece(state, first, logprobs, reason)
         if reason != UNSPECIFIED or state.text.stopped:
             return
         if state.aborted.is_set():

@@ -24,7 +24,12 @@ class PrefillServicer(WorkerBase, worker_grpc.PrefillWorkerServicer):
         final = None
         async for output in self.engine.generate(prompt, first_only, request.request_id):
             final = output
-        assert final is not None and final.kv_hashes is not None
+        assert final is not None
+        if final.finish_reason is FinishReason.ABORT:
+            return worker_pb.PrefillResponse(
+                request_id=request.request_id, finish_reason=FINISH_TO_PB[FinishReason.ABORT]
+            )
+        assert final.kv_hashes is not None
         reason = final.finish_reason
         if reason is FinishReason.LENGTH and params.max_tokens > 1:
             reason = None  # only the prefill part is done: decoding continues elsewhere

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import CacheConfig, EngineConfig
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.engine import Engine
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
@@ -123,3 +123,18 @@ def test_preempted_decode_resumes_from_store_blocks(tmp_path: Path) -> None:
         assert want.token_ids[0:1] + tokens[f"r{index}"] == want.token_ids
     assert decode_engine.block_manager.allocator.num_used == 0
     assert store.stats().num_pinned_blocks == 0
+
+
+def test_aborted_prefill_releases_its_store_pins(tmp_path: Path) -> None:
+    directory = str(save_tiny_model("llama3", tmp_path))
+    store = EmbeddedKVStore(capacity_blocks=64)
+    config = EngineConfig(
+        model=directory, device="cpu", scheduler=SchedulerConfig(max_num_batched_tokens=64)
+    )
+    engine = Engine(config, store, True)
+    engine.add_request(list(range(200)), SamplingParams(max_tokens=1), "long")
+    engine.step()  # the first 64-token chunk: 4 full blocks published and pinned
+    assert store.stats().num_pinned_blocks == 4
+    assert engine.abort("long")
+    assert store.stats().num_pinned_blocks == 0
+    assert engine.block_manager.allocator.num_used == 0
