@@ -148,3 +148,21 @@ def test_tokenize_and_model_info(mesh: MeshThread, smol_llm: LLM) -> None:
     info = mesh.stub.ModelInfo(gen_pb.ModelInfoRequest())
     assert info.num_prefill_workers == 2 and info.num_decode_workers == 2
     assert info.block_size == 16 and info.vocab_size == 49152
+
+
+def test_abort_rpc_ends_the_stream_and_frees_blocks(mesh: MeshThread) -> None:
+    request = to_request(
+        "Write a long poem.", max_tokens=400, ignore_eos=True, request_id="to-abort"
+    )
+    stream = mesh.stub.Generate(request, timeout=300)
+    pieces = []
+    for piece in stream:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            reply = mesh.stub.Abort(gen_pb.AbortRequest(request_id="to-abort"))
+            assert reply.aborted
+    assert pieces[-1].finish_reason == gen_pb.FINISH_REASON_ABORT
+    assert pieces[-1].usage.completion_tokens < 400
+    assert not mesh.stub.Abort(gen_pb.AbortRequest(request_id="to-abort")).aborted
+    mesh.wait_idle()
+    assert mesh.is_idle()
