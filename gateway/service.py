@@ -29,6 +29,18 @@ from pdmesh.v1 import worker_pb2 as worker_pb
 UNSPECIFIED = gen_pb.FINISH_REASON_UNSPECIFIED
 
 
+async def first_or_abort(work: asyncio.Future[Any], aborted: asyncio.Event) -> bool:
+    """Waits for ``work`` or for an Abort; True when ``work`` finished first."""
+    if aborted.is_set():
+        return False
+    waiter = asyncio.ensure_future(aborted.wait())
+    try:
+        done, _ = await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    return work in done
+
+
 @dataclass
 class RequestClock:
     start: float = field(default_factory=time.perf_counter)
@@ -157,7 +169,12 @@ class GatewayCore:
             worker.outstanding_tokens += uncached
             worker.in_flight += 1
             try:
-                return await worker.stub.Prefill(message)  # type: ignore[no-any-return]
+                call = worker.stub.Prefill(message)
+                response = asyncio.ensure_future(call)
+                if not await first_or_abort(response, state.aborted):
+                    call.cancel()  # the prefill worker frees the request and its pins
+                    return worker_pb.PrefillResponse(finish_reason=gen_pb.FINISH_REASON_ABORT)
+                return response.result()  # type: ignore[no-any-return]
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE or tried:
                     raise
@@ -205,11 +222,19 @@ class GatewayCore:
             worker.in_flight -= 1
 
     async def _follow(self, state: Running, call: Any) -> AsyncIterator[gen_pb.GenerateResponse]:
-        """Relays a worker's token stream; a stop string or an Abort ends it early, and
-        cancelling the call frees the request on the worker."""
-        aborted = asyncio.create_task(state.aborted.wait())
+        """Relays a worker's token stream; a stop string or an Abort ends it early (an Abort
+        at once, even while no token is coming), and cancelling the call frees the request
+        on the worker."""
         try:
-            async for piece in call:
+            while True:
+                read = asyncio.ensure_future(call.read())
+                if not await first_or_abort(read, state.aborted):
+                    read.cancel()
+                    yield self._piece(state, [], [], gen_pb.FINISH_REASON_ABORT)
+                    return
+                piece = read.result()
+                if piece is grpc.aio.EOF:
+                    return
                 if piece.cached_tokens:
                     state.cached_tokens = piece.cached_tokens
                 response = self._piece(
@@ -218,11 +243,7 @@ class GatewayCore:
                 yield response
                 if response.finish_reason != UNSPECIFIED:
                     return
-                if aborted.done():
-                    yield self._piece(state, [], [], gen_pb.FINISH_REASON_ABORT)
-                    return
         finally:
-            aborted.cancel()
             call.cancel()
 
     def _piece(

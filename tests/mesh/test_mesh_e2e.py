@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -164,5 +165,19 @@ def test_abort_rpc_ends_the_stream_and_frees_blocks(mesh: MeshThread) -> None:
     assert pieces[-1].finish_reason == gen_pb.FINISH_REASON_ABORT
     assert pieces[-1].usage.completion_tokens < 400
     assert not mesh.stub.Abort(gen_pb.AbortRequest(request_id="to-abort")).aborted
+    mesh.wait_idle()
+    assert mesh.is_idle()
+
+
+def test_abort_while_waiting_for_prefill_ends_at_once(mesh: MeshThread) -> None:
+    # A long prompt keeps the prefill busy; the Abort must not wait for its first token.
+    prompt = " ".join(f"item {i} costs {i * 7} coins" for i in range(300))
+    request = to_request(prompt, max_tokens=4, request_id="early-abort")
+    stream = mesh.stub.Generate(request, timeout=300)
+    time.sleep(0.5)
+    assert mesh.stub.Abort(gen_pb.AbortRequest(request_id="early-abort")).aborted
+    pieces = list(stream)
+    assert pieces[-1].finish_reason == gen_pb.FINISH_REASON_ABORT
+    assert pieces[-1].usage.completion_tokens == 0
     mesh.wait_idle()
     assert mesh.is_idle()
