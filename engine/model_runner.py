@@ -154,9 +154,14 @@ class ModelRunner:
     def read_blocks(self, block_ids: list[int]) -> list[bytes]:
         if self.leader is not None:
             self.leader.send_read(block_ids)
-        full = self.gather_heads(self._local_blocks(block_ids))
+        full = self.gathered_blocks(block_ids)
         raw = full.contiguous().view(torch.uint8).reshape(len(block_ids), -1).cpu()
         return [bytes(row.numpy()) for row in raw]
+
+    def gathered_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Every KV head of the blocks (a collective under tensor parallelism: all ranks call
+        it together), (num_blocks, layers, 2, block_size, all kv_heads, D)."""
+        return self.gather_heads(self._local_blocks(block_ids))
 
     def _local_blocks(self, block_ids: list[int]) -> torch.Tensor:
         index = torch.tensor(block_ids, device=self.device)

@@ -159,7 +159,7 @@ def follower_main(rank: int, world: int, config: EngineConfig, init_method: str)
             runner.forward_packed(step, longs, ints)
         elif op == OP_READ:
             block_ids = receive(fields[0], torch.int64).tolist()
-            runner.gather_heads(runner._local_blocks(block_ids))
+            runner.gathered_blocks(block_ids)
         elif op == OP_WRITE:
             block_ids = receive(fields[0], torch.int64).tolist()
             raw = torch.empty(fields[0], fields[1], dtype=torch.uint8, device=device)
