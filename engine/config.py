@@ -162,6 +162,10 @@ class EngineConfig:
     enforce_eager: bool = False
     #: Ranks (processes, one GPU each on CUDA) the model is sharded over.
     tensor_parallel_size: int = 1
+    #: Schedule step N+1 while the device computes step N (greedy rows' tokens stay on the
+    #: device until then). None: on for CUDA, off on CPU where the forward pass is synchronous
+    #: and overlapping would only delay each token by one step.
+    async_scheduling: bool | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -178,6 +182,14 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def overlaps_steps(self) -> bool:
+        """Async scheduling applies (a single rank only: followers would need the tokens too)."""
+        wanted = self.async_scheduling
+        if wanted is None:
+            wanted = self.device.startswith("cuda")
+        return wanted and self.tensor_parallel_size == 1
 
     @classmethod
     def from_env(cls, **overrides: Any) -> EngineConfig:

@@ -14,12 +14,18 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, WorkerLostError
 from engine.kv_transfer import KVTransfer
-from engine.model_runner import ModelRunner
+from engine.model_runner import DeviceTokens, ModelRunner
 from engine.model_source import ModelSource, load_model_config, resolve_model
 from engine.parallel import SINGLE
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from engine.sequence import (
+    PENDING_TOKEN,
+    FinishReason,
+    Sequence,
+    SequenceStatus,
+    TokenLogprob,
+)
 from kvstore.base import KVStore
 from kvstore.block_hash import BlockHash
 
@@ -99,6 +105,8 @@ class Engine:
         )
         self.publish_kv = publish_kv and self.kv is not None
         self.requests: dict[str, Sequence] = {}
+        #: Async scheduling: the previous step's tokens, still on the device.
+        self._in_flight: DeviceTokens | None = None
         self.generator = torch.Generator(device=config.device).manual_seed(config.seed)
 
     def shutdown(self) -> None:
@@ -192,6 +200,8 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """With async scheduling the tokens a step samples are reported by the next step,
+        which is launched on the device before they are read back."""
         if self.leader is not None and not self.leader.followers_alive:
             raise WorkerLostError("a tensor-parallel rank died; this worker is out of service")
         scheduled = self.scheduler.schedule()
@@ -199,8 +209,31 @@ class Engine:
             for seq in scheduled.preempted:
                 # Resume from the prompt blocks still in the store rather than recomputing.
                 seq.kv_import = self.kv.stored_prefix(seq.prompt_token_ids)
-        if not scheduled.chunks:
-            return []
+        chunks = self._import_blocks(scheduled)
+        if not chunks:
+            return self._take_in_flight()
+        logits = self.runner.launch(chunks, self._in_flight)
+        outputs = self._take_in_flight()  # overlaps the device's work on this step
+        for chunk in chunks:
+            self._advance(chunk)
+        if logits is None:
+            return outputs
+        rows = [c.seq for c in chunks if c.completes]
+        if self._defers(rows):
+            self._in_flight = self.runner.greedy_on_device(logits, rows)
+            for seq in rows:
+                # A token that must end the request (max_tokens) gets no successor step.
+                if not seq.is_finished and len(seq.output_token_ids) + 1 < seq.params.max_tokens:
+                    seq.append_token(PENDING_TOKEN, None)
+            return outputs
+        for seq, (token_id, logprob) in zip(rows, self.runner.sampler(logits, rows), strict=True):
+            if not seq.is_finished:
+                seq.append_token(token_id, logprob)
+                outputs.append(self._emit(seq, token_id, logprob))
+        return outputs
+
+    def _import_blocks(self, scheduled: SchedulerOutput) -> list[ScheduledChunk]:
+        """Fills imported blocks from the store; returns the chunks that can run."""
         chunks = scheduled.chunks
         for block_import in scheduled.imports:
             assert self.kv is not None
@@ -209,38 +242,59 @@ class Engine:
             except KeyError:  # evicted since it was named: recompute the request instead
                 self.scheduler.requeue(block_import.seq)
                 chunks = [c for c in chunks if c.seq is not block_import.seq]
-        if not chunks:
+        return chunks
+
+    def _defers(self, rows: list[Sequence]) -> bool:
+        """Whether this step's tokens can stay on the device until the next step: greedy rows
+        only (the sampler's other paths read tokens on the host)."""
+        return (
+            self.config.overlaps_steps
+            and not self.publish_kv
+            and all(s.params.is_argmax for s in rows)
+        )
+
+    def _advance(self, chunk: ScheduledChunk) -> None:
+        seq = chunk.seq
+        if seq.is_finished:  # ended while the step ran (a stop in the previous step's token)
+            return
+        seq.num_computed_tokens = chunk.end
+        self.block_manager.commit_computed(seq)
+        if self.publish_kv:
+            self.kv.publish_full(seq)  # type: ignore[union-attr]
+
+    def _take_in_flight(self) -> list[StepOutput]:
+        """Reads back the previous step's device tokens and reports them."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
             return []
-        sampled = iter(self.runner.execute(chunks))
         outputs = []
-        for chunk in chunks:
-            seq = chunk.seq
-            seq.num_computed_tokens = chunk.end
-            self.block_manager.commit_computed(seq)
-            if self.publish_kv:
-                self.kv.publish_full(seq)  # type: ignore[union-attr]
-            if not chunk.completes:
+        for seq, token_id in zip(flight.seqs, flight.tolist(), strict=True):
+            if seq.is_finished:  # aborted meanwhile
                 continue
-            token_id, logprob = next(sampled)
-            seq.append_token(token_id, logprob)
-            reason = seq.check_stop()
-            kv_hashes = None
-            if reason is not None:
-                if self.publish_kv:
-                    kv_hashes = self.kv.publish_prompt(seq)  # type: ignore[union-attr]
-                self._finish(seq, reason)
-            outputs.append(
-                StepOutput(
-                    request_id=seq.request_id,
-                    new_token_ids=[token_id],
-                    new_logprobs=[logprob] if logprob is not None else [],
-                    finish_reason=reason,
-                    num_prompt_tokens=len(seq.prompt_token_ids),
-                    num_cached_tokens=seq.num_cached_tokens,
-                    kv_hashes=kv_hashes,
-                )
-            )
+            if seq.has_pending_token:
+                seq.output_token_ids[-1] = token_id
+            else:
+                seq.append_token(token_id, None)
+            outputs.append(self._emit(seq, token_id, None))
         return outputs
+
+    def _emit(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> StepOutput:
+        """Checks stops on a newly appended token and describes it."""
+        reason = seq.check_stop()
+        kv_hashes = None
+        if reason is not None:
+            if self.publish_kv:
+                kv_hashes = self.kv.publish_prompt(seq)  # type: ignore[union-attr]
+            self._finish(seq, reason)
+        return StepOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token_id],
+            new_logprobs=[logprob] if logprob is not None else [],
+            finish_reason=reason,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_cached_tokens=seq.num_cached_tokens,
+            kv_hashes=kv_hashes,
+        )
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is not SequenceStatus.FINISHED:

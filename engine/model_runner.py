@@ -18,7 +18,7 @@ from engine.models import MODEL_REGISTRY, LlamaForCausalLM
 from engine.parallel import SINGLE, TPGroup, tensor_parallel
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledChunk
-from engine.sequence import TokenLogprob
+from engine.sequence import Sequence, TokenLogprob
 from engine.weights import iter_weights
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def build_model(
 class PackedStep:
     """One step's inputs as two integer lists (what crosses to tensor-parallel followers).
 
-    longs = input_ids + positions + slot_mapping; ints = seq_lens + cu_seqlens_q +
+    longs = input_ids + positions + slot_mapping (+ substitutions); ints = seq_lens + cu_seqlens_q +
     block_tables (row-major, num_seqs x max_blocks) + rows whose logits are sampled.
     """
 
@@ -63,6 +63,9 @@ class PackedStep:
     num_seqs: int
     max_blocks: int
     num_rows: int
+    #: Inputs taken from the previous step's device tokens (single rank only, so it is not
+    #: part of the header): longs end with their positions, then their source rows.
+    num_substitutions: int = 0
 
     def header(self) -> list[int]:
         return [
@@ -202,9 +205,15 @@ class ModelRunner:
             attn.v_cache[index] = heads[:, i, 1]
 
     # -- one forward pass -----------------------------------------------------------------------
-    def _pack(self, chunks: list[ScheduledChunk]) -> PackedStep:
-        """The step as two flat integer lists: every rank rebuilds the same inputs from it."""
+    def _pack(
+        self, chunks: list[ScheduledChunk], pending: dict[Sequence, int] | None = None
+    ) -> PackedStep:
+        """The step as two flat integer lists: every rank rebuilds the same inputs from it.
+        ``pending`` maps a sequence whose last token is still on the device to its row in the
+        previous step's tokens; the step's input at that position is filled in on the device."""
         input_ids: list[int] = []
+        subst_dst: list[int] = []
+        subst_src: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         seq_lens: list[int] = []
@@ -219,6 +228,9 @@ class ModelRunner:
                 table[p // self.block_size] * self.block_size + p % self.block_size
                 for p in range(start, end)
             )
+            if pending and seq in pending and start < seq.num_tokens <= end:
+                subst_dst.append(cu_seqlens_q[-1] + seq.num_tokens - 1 - start)
+                subst_src.append(pending[seq])
             seq_lens.append(end)
             cu_seqlens_q.append(cu_seqlens_q[-1] + chunk.num_tokens)
             if chunk.completes:
@@ -230,12 +242,13 @@ class ModelRunner:
             tables.extend(table)
             tables.extend([0] * (max_blocks - len(table)))
         return PackedStep(
-            longs=input_ids + positions + slots,
+            longs=input_ids + positions + slots + subst_dst + subst_src,
             ints=seq_lens + cu_seqlens_q + tables + rows,
             num_tokens=len(input_ids),
             num_seqs=len(chunks),
             max_blocks=max_blocks,
             num_rows=len(rows),
+            num_substitutions=len(subst_dst),
         )
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -252,7 +265,7 @@ class ModelRunner:
         tokens, seqs = step.num_tokens, step.num_seqs
         tables_end = 2 * seqs + 1 + seqs * step.max_blocks
         meta = AttentionMetadata(
-            slot_mapping=longs[2 * tokens :],
+            slot_mapping=longs[2 * tokens : 3 * tokens],
             block_tables=ints[2 * seqs + 1 : tables_end].view(seqs, step.max_blocks),
             seq_lens=ints[:seqs],
             cu_seqlens_q=ints[seqs : 2 * seqs + 1],
@@ -268,16 +281,59 @@ class ModelRunner:
         return self.model.compute_logits(hidden[ints[tables_end:].long()])
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> list[tuple[int, TokenLogprob | None]]:
-        """Runs one forward pass over every chunk; returns the next token of each chunk that
-        completes its sequence's computed tokens (in chunk order)."""
-        step = self._pack(chunks)
+    def launch(
+        self, chunks: list[ScheduledChunk], previous: DeviceTokens | None = None
+    ) -> torch.Tensor | None:
+        """Starts one forward pass over every chunk; returns the logits (on the device, maybe
+        still being computed) of each chunk that completes its sequence's computed tokens, in
+        chunk order. Inputs still pending on the device come from ``previous``."""
+        pending = previous.rows if previous is not None else None
+        step = self._pack(chunks, pending)
         # Two host-to-device copies per step (one per dtype); the model reads views of them.
         longs = self._to_device(step.longs, torch.int64)
         ints = self._to_device(step.ints, torch.int32)
+        if step.num_substitutions:
+            assert previous is not None and self.leader is None
+            base, count = 3 * step.num_tokens, step.num_substitutions
+            dst, src = longs[base : base + count], longs[base + count : base + 2 * count]
+            longs[: step.num_tokens].index_copy_(0, dst, previous.device_ids[src])
         if self.leader is not None:
             self.leader.send_forward(step, longs, ints)
-        logits = self.forward_packed(step, longs, ints)
+        return self.forward_packed(step, longs, ints)
+
+    def greedy_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> DeviceTokens:
+        """Greedy tokens of ``logits`` rows, copied to the host in the background."""
+        return DeviceTokens(torch.argmax(logits.float(), dim=-1), seqs)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> list[tuple[int, TokenLogprob | None]]:
+        """Runs one forward pass over every chunk and samples the next token of each chunk
+        that completes its sequence's computed tokens (in chunk order)."""
+        logits = self.launch(chunks)
         if logits is None:
             return []
         return self.sampler(logits, [c.seq for c in chunks if c.completes])
+
+
+class DeviceTokens:
+    """One step's greedy tokens: on the device for the next step's inputs, and on their way
+    to the host for the scheduler (read with ``tolist``, which waits for them)."""
+
+    def __init__(self, device_ids: torch.Tensor, seqs: list[Sequence]) -> None:
+        self.device_ids = device_ids
+        self.seqs = seqs
+        #: Sequence -> its row, for the next step's input substitution.
+        self.rows = {seq: row for row, seq in enumerate(seqs)}
+        self._done: torch.cuda.Event | None = None
+        if device_ids.device.type == "cuda":
+            self._host = torch.empty(device_ids.shape, dtype=device_ids.dtype, pin_memory=True)
+            self._host.copy_(device_ids, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = device_ids
+
+    def tolist(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()

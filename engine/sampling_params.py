@@ -60,3 +60,8 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def is_argmax(self) -> bool:
+        """The token is the argmax of the raw logits (nothing the host must look at)."""
+        return self.is_greedy and self.repetition_penalty == 1.0 and self.logprobs is None

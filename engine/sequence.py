@@ -11,6 +11,10 @@ import torch
 from engine.sampling_params import SamplingParams
 from kvstore.block_hash import BlockHash
 
+#: Stands in for a sampled token that is still on the device (async scheduling); the model
+#: runner substitutes the real id on the device before any forward pass reads it.
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -82,6 +86,10 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def has_pending_token(self) -> bool:
+        return bool(self.output_token_ids) and self.output_token_ids[-1] == PENDING_TOKEN
 
     @property
     def is_finished(self) -> bool:
