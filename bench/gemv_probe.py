@@ -12,6 +12,7 @@ import datetime
 import json
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -76,7 +77,7 @@ def probe_shape(name: str, n: int, k: int, device: torch.device) -> dict[str, An
         got = triton_gemv(x[0], w, tile).float()
         if not torch.allclose(got, expected, atol=2e-2, rtol=2e-2):
             continue
-        ms, _ = rate(lambda t=tile: triton_gemv(x[0], w, t), nbytes, device)
+        ms, _ = rate(partial(triton_gemv, x[0], w, tile), nbytes, device)
         if best is None or ms < best[0]:
             best = (ms, tile)
     if best is not None:

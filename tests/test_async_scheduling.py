@@ -35,9 +35,7 @@ def summary(outputs: list) -> list[tuple[list[int], str | None]]:  # type: ignor
     return [(o.token_ids, o.finish_reason) for o in outputs]
 
 
-def test_greedy_with_every_stop_kind_matches_sync(
-    async_llm: LLM, smol_llm_no_cache: LLM
-) -> None:
+def test_greedy_with_every_stop_kind_matches_sync(async_llm: LLM, smol_llm_no_cache: LLM) -> None:
     prompts = chats(async_llm)
     params = [
         SamplingParams(max_tokens=1, temperature=0),
@@ -72,7 +70,9 @@ def test_rows_needing_the_host_fall_back_and_match(async_llm: LLM, smol_llm_no_c
 
 def test_tokens_stay_on_the_device_between_steps(async_llm: LLM) -> None:
     engine = async_llm.engine
-    request_id = async_llm.add_request(chats(async_llm)[0], SamplingParams(max_tokens=8, temperature=0))
+    request_id = async_llm.add_request(
+        chats(async_llm)[0], SamplingParams(max_tokens=8, temperature=0)
+    )
     reported = [out for _ in range(3) for out, _ in async_llm.step()]
     seq = engine.requests[request_id]
     assert seq.has_pending_token, "the newest token is still a placeholder after the step"
