@@ -7,7 +7,9 @@ Both models hold the same random weights (Hugging Face's, loaded into pdmesh), d
 with fixed lengths (pdmesh ``ignore_eos``; HF ``min_new_tokens``). Reported per batch size:
 ms per decode step (pdmesh: steps timed alone; HF: (full run - 1-token run) / (new - 1)),
 tokens/s and BLOOM-style ms per token = wall / (batch x new tokens), plus 4k-token prefill
-TFLOP/s and greedy agreement between the two on the first prompts.
+TFLOP/s and greedy agreement between the two on the first prompts. Async scheduling is on
+(the CUDA default); at ``--sync-batches`` the same engine also runs with it off, as the peer
+the overlap is measured against.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,13 +105,25 @@ def run_pdmesh(engine: Engine, batch_prompts: list[list[int]], new_tokens: int) 
     engine.step()  # prefill (all prompts fit one step's budget at these sizes)
     sync()
     decode_start = time.perf_counter()
-    steps = 0
     while engine.has_unfinished:
         engine.step()
-        steps += 1
     sync()
     end = time.perf_counter()
-    return {"wall_s": end - start, "ms_per_step": (end - decode_start) / steps * 1e3}
+    # new_tokens - 1 decode forward passes follow the prefill (async scheduling adds one
+    # short step at the end that only reads the last tokens back).
+    return {"wall_s": end - start, "ms_per_step": (end - decode_start) / (new_tokens - 1) * 1e3}
+
+
+def run_synchronous(
+    engine: Engine, batch_prompts: list[list[int]], new_tokens: int
+) -> dict[str, float]:
+    """The same run with async scheduling off: the peer the overlap is measured against."""
+    overlapping = engine.config
+    engine.config = replace(overlapping, async_scheduling=False)
+    try:
+        return run_pdmesh(engine, batch_prompts, new_tokens)
+    finally:
+        engine.config = overlapping
 
 
 def run_hf(hf: Any, batch_prompts: list[list[int]], new_tokens: int) -> float:
@@ -190,6 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 128])
     parser.add_argument("--hf-batches", type=int, nargs="*", default=[1, 16, 64, 128])
+    parser.add_argument("--sync-batches", type=int, nargs="*", default=[1, 64])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--layers", type=int, default=32)
@@ -210,6 +226,7 @@ def main() -> None:
     result: dict[str, Any] = {
         **environment(),
         "model": "Llama-3.1-8B shape, random bf16",
+        "async_scheduling": engine.config.overlaps_steps,
         "layers": args.layers,
         "weight_gb": weight_bytes / 1e9,
         "bf16_matmul_tflops": peak,
@@ -232,6 +249,10 @@ def main() -> None:
             "tokens_per_s": total / ours["wall_s"],
             "ms_per_token": ours["wall_s"] / total * 1e3,
         }
+        if batch in args.sync_batches:
+            synchronous = run_synchronous(engine, batch_prompts, args.new_tokens)
+            row["sync_ms_per_step"] = synchronous["ms_per_step"]
+            row["sync_tokens_per_s"] = total / synchronous["wall_s"]
         if batch in args.hf_batches:
             hf_wall = run_hf(hf, batch_prompts, args.new_tokens)
             hf_first = run_hf(hf, batch_prompts, 1)
@@ -250,9 +271,14 @@ def main() -> None:
             if "hf_ms_per_step" in row
             else ""
         )
+        sync_part = (
+            f" | sync {row['sync_ms_per_step']:.2f} ms/step {row['sync_tokens_per_s']:.0f} tok/s"
+            if "sync_ms_per_step" in row
+            else ""
+        )
         print(
             f"{batch:>5} {row['ms_per_step']:>8.2f} {row['tokens_per_s']:>9.0f} "
-            f"{row['ms_per_token']:>7.3f} | {hf_part}",
+            f"{row['ms_per_token']:>7.3f} | {hf_part}{sync_part}",
             flush=True,
         )
     result["weight_read_limit_ms"] = weight_bytes / 3.0e12 * 1e3
