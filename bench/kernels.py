@@ -242,6 +242,32 @@ def activation_cases(s: Shapes, device: torch.device) -> list[Case]:
     return cases
 
 
+def gemv_cases(s: Shapes, device: torch.device) -> list[Case]:
+    """Batch-1 projections of one layer (the reference is cuBLAS through F.linear)."""
+    from kernels.gemv import gemv, gemv_ref
+
+    heads_width = (s.heads + 2 * s.kv_heads) * s.head_dim
+    shapes = {
+        "qkv": (heads_width, s.hidden),
+        "gate_up": (2 * s.intermediate, s.hidden),
+        "down": (s.hidden, s.intermediate),
+    }
+    cases = []
+    for name, (num_out, width) in shapes.items():
+        x = torch.randn(1, width, dtype=s.dtype, device=device)
+        weight = torch.randn(num_out, width, dtype=s.dtype, device=device) * 0.01
+        cases.append(
+            Case(
+                "gemv",
+                f"{name} {num_out}x{width}",
+                partial(gemv, x, weight, None),
+                partial(gemv_ref, x, weight, None),
+                bytes_moved=_nbytes(weight, x),
+            )
+        )
+    return cases
+
+
 def rope_cases(s: Shapes, device: torch.device) -> list[Case]:
     from kernels.rotary import rope_and_cache, rope_and_cache_ref
 
@@ -364,6 +390,7 @@ def prefill_cases(s: Shapes, device: torch.device) -> list[Case]:
 CASE_BUILDERS: dict[str, Callable[[Shapes, torch.device], list[Case]]] = {
     "norm": norm_cases,
     "activation": activation_cases,
+    "gemv": gemv_cases,
     "rope": rope_cases,
     "decode": decode_cases,
     "prefill": prefill_cases,

@@ -52,7 +52,7 @@ class ColumnParallelLinear(nn.Module):
         _copy_into(param, self.shard_rows(loaded, rows, self.rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -122,7 +122,7 @@ class RowParallelLinear(nn.Module):
         _copy_into(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(ops.linear(x, self.weight, None))
         return y if self.bias is None else y + self.bias
 
 
@@ -158,7 +158,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits; each rank scores its vocabulary slice."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather(F.linear(hidden, self.weight), dim=-1)
+        logits = self.tp.all_gather(ops.linear(hidden, self.weight, None), dim=-1)
         return logits[..., : self.vocab_size]
 
 

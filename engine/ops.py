@@ -11,8 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from kernels import activation, rotary
+from kernels import activation, gemv, rotary
 from kernels import paged_attention as attn
 from kernels import rms_norm as norm
 
@@ -25,6 +26,13 @@ def _pick(x: torch.Tensor, module: Any, name: str) -> Callable[..., Any]:
     if _use_triton(x) and hasattr(module, name):
         return getattr(module, name)  # type: ignore[no-any-return]
     return getattr(module, f"{name}_ref")  # type: ignore[no-any-return]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b. One row (batch-1 decode) goes to the GEMV kernel, anything larger to cuBLAS."""
+    if x.dim() == 2 and x.shape[0] == 1 and _use_triton(x):
+        return gemv.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
