@@ -282,7 +282,9 @@ def rope_cases(s: Shapes, device: torch.device) -> list[Case]:
         k = k.view(tokens, s.kv_heads, s.head_dim)
         v = v.view(tokens, s.kv_heads, s.head_dim)
         positions = torch.arange(tokens, device=device)
-        cos_sin = torch.randn(tokens, s.head_dim, dtype=torch.float32, device=device)
+        # A real rotary table row per position: cos then sin of the angles (unit scale).
+        angles = torch.rand(tokens, s.head_dim // 2, device=device) * 2 * torch.pi
+        cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
         num_blocks = tokens // s.page + 1
         k_cache = torch.zeros(
             num_blocks, s.page, s.kv_heads, s.head_dim, dtype=s.dtype, device=device
