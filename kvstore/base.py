@@ -94,6 +94,11 @@ class KVStore(ABC):
     @abstractmethod
     def stats(self) -> StoreStats: ...
 
+    def locate(self, block_hash: BlockHash) -> str | None:
+        """The tier holding the block (``"dram"`` or ``"disk"``), None if absent; pins and
+        counts nothing (for transfer-path choices and tests)."""
+        return "dram" if self.match_prefix([block_hash]) == 1 else None
+
     def renew(self, owner: str) -> bool:
         """Extends ``owner``'s lease (a heartbeat for a holder that keeps pins long without
         using the store); every ``put`` and ``get`` of the owner renews it too. Returns

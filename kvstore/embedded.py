@@ -104,6 +104,12 @@ class EmbeddedKVStore(KVStore):
         with self._lock:
             self._release(owner)
 
+    def locate(self, block_hash: BlockHash) -> str | None:
+        with self._lock:
+            if block_hash in self._dram:
+                return "dram"
+            return "disk" if block_hash in self._disk else None
+
     def renew(self, owner: str) -> bool:
         with self._lock:
             self._reap_expired()

@@ -155,6 +155,11 @@ class RedisKVStore(KVStore):
         self._check_open()
         self._run("release", self._prefix, owner)
 
+    def locate(self, block_hash: BlockHash) -> str | None:
+        self._check_open()
+        reply = self._run("locate", self._prefix, block_hash.hex())
+        return reply[0].decode() if reply else None
+
     def renew(self, owner: str) -> bool:
         self._check_open()
         return bool(self._run("renew", self._prefix, self._tiers.lease_ttl_ms, owner))
@@ -213,6 +218,7 @@ class RedisKVStore(KVStore):
             self._drop("close")
         finally:
             self._client.close()
+            self._remove_disk_dir_if_empty()
 
     # -- put ---------------------------------------------------------------------------
 
@@ -335,6 +341,13 @@ class RedisKVStore(KVStore):
             raise
 
     # -- plumbing ----------------------------------------------------------------------
+
+    def _remove_disk_dir_if_empty(self) -> None:
+        if self._disk is not None:
+            try:
+                self._disk.directory.rmdir()
+            except OSError:
+                pass  # other namespaces' or live handles' files are still in it
 
     def _free_disk(self, payloads: Iterable[bytes]) -> None:
         if self._disk is not None:
