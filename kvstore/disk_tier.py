@@ -59,4 +59,6 @@ class DiskFilePlane(DataPlane):
 
     def file_names(self) -> list[str]:
         """This namespace's block files that exist now (tests count them for leaks)."""
+        if not self.directory.is_dir():
+            return []
         return sorted(n for n in os.listdir(self.directory) if n.startswith(self._prefix))

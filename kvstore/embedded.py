@@ -183,15 +183,15 @@ class EmbeddedKVStore(KVStore):
                 capacity_blocks=self._capacity_blocks,
             )
         for block_hash in victims:
-            self._demote(block_hash)
+            self._demote(block_hash, keep)
 
-    def _demote(self, block_hash: BlockHash) -> None:
+    def _demote(self, block_hash: BlockHash, keep: set[BlockHash]) -> None:
         """Moves an unpinned DRAM block to disk, or drops it when there is no disk tier or
-        every disk block is pinned."""
+        every disk block is pinned or in ``keep``."""
         del self._dram_lru[block_hash]
         data = self._dram.pop(block_hash)
         plane = self._disk_plane
-        if plane is None or not self._disk_has_room():
+        if plane is None or not self._disk_has_room(keep):
             self._counts["evictions"] += 1
             return
         self._disk[block_hash] = plane.write(block_hash.hex(), data)
@@ -199,13 +199,15 @@ class EmbeddedKVStore(KVStore):
         self._counts["demotions"] += 1
         self._bytes_moved["disk_write"] += len(data)
 
-    def _disk_has_room(self) -> bool:
-        """Drops the oldest unpinned disk block if the disk is full; False if all are pinned."""
+    def _disk_has_room(self, keep: set[BlockHash]) -> bool:
+        """Drops the oldest unpinned disk block not in ``keep`` if the disk is full; False
+        if there is none."""
         if len(self._disk) < self._config.disk_capacity_blocks:
             return True
-        if not self._disk_lru:
+        victim = next(iter(_excluding(self._disk_lru, keep)), None)
+        if victim is None:
             return False
-        victim, _ = self._disk_lru.popitem(last=False)
+        del self._disk_lru[victim]
         assert self._disk_plane is not None
         self._disk_plane.discard([self._disk.pop(victim)])
         self._counts["evictions"] += 1
@@ -227,7 +229,7 @@ class EmbeddedKVStore(KVStore):
         del self._disk[block_hash]
         self._disk_plane.discard([payload])
         if len(self._dram) >= self._capacity_blocks:
-            self._demote(next(iter(self._dram_lru)))  # takes the disk slot just freed
+            self._demote(next(iter(self._dram_lru)), set())  # takes the disk slot just freed
         self._dram[block_hash] = data
         self._counts["promotions"] += 1
         return data

@@ -108,11 +108,15 @@ local function reap_expired()
   event('expired_owners', #expired)
 end
 
--- Makes a disk slot: drops the oldest unpinned disk block if the disk is full (its payload
--- goes to disk_discard). False when every disk block is pinned.
-local function disk_has_room(disk_capacity, disk_discard)
+-- Makes a disk slot: drops the oldest unpinned disk block not in keep (a set; at most
+-- num_keep of them) if the disk is full; its payload goes to disk_discard. False when
+-- there is no such block.
+local function disk_has_room(disk_capacity, keep, num_keep, disk_discard)
   if count('disk') < disk_capacity then return true end
-  local oldest = redis.call('ZRANGE', DISK_LRU, 0, 0)[1]
+  local oldest = nil
+  for _, h in ipairs(redis.call('ZRANGE', DISK_LRU, 0, num_keep)) do
+    if not keep[h] then oldest = h; break end
+  end
   if not oldest then return false end
   disk_discard[#disk_discard + 1] = redis.call('GET', disk_key(oldest))
   redis.call('DEL', disk_key(oldest))
@@ -123,13 +127,15 @@ local function disk_has_room(disk_capacity, disk_discard)
 end
 
 -- Moves unpinned DRAM block h down to the disk copy disk_payload (false: no disk tier), or
--- drops it when the disk is all pinned. Freed payloads go to the discard lists.
-local function demote(h, disk_payload, disk_capacity, refs, dram_discard, disk_discard)
+-- drops it when the disk holds only pinned blocks and keep (see disk_has_room). Freed
+-- payloads go to the discard lists.
+local function demote(h, disk_payload, disk_capacity, keep, num_keep, refs, dram_discard,
+                      disk_discard)
   if refs then dram_discard[#dram_discard + 1] = redis.call('GET', data_key(h)) end
   redis.call('DEL', data_key(h))
   redis.call('ZREM', LRU, h)
   redis.call('HINCRBY', COUNT, 'dram', -1)
-  if disk_payload and disk_has_room(disk_capacity, disk_discard) then
+  if disk_payload and disk_has_room(disk_capacity, keep, num_keep, disk_discard) then
     redis.call('SET', disk_key(h), disk_payload)
     redis.call('ZADD', DISK_LRU, redis.call('INCR', CLOCK), h)
     redis.call('HINCRBY', COUNT, 'disk', 1)
@@ -223,7 +229,7 @@ end
 local dram_discard, disk_discard, used = {}, {}, {}
 for _, h in ipairs(victims) do
   used[h] = true
-  demote(h, offered(offers, h), disk_capacity, refs, dram_discard, disk_discard)
+  demote(h, offered(offers, h), disk_capacity, is_listed, n, refs, dram_discard, disk_discard)
 end
 discard_unused_offers(offers, used, disk_discard)
 for _, h in ipairs(new) do redis.call('SET', data_key(h), payloads[h]) end
@@ -318,7 +324,8 @@ redis.call('HINCRBY', COUNT, 'disk', -1)
 disk_discard[#disk_discard + 1] = seen_disk
 if victim then
   used[victim] = true
-  demote(victim, offered(offers, victim), disk_capacity, refs, dram_discard, disk_discard)
+  demote(victim, offered(offers, victim), disk_capacity, {}, 0, refs, dram_discard,
+         disk_discard)
 end
 redis.call('SET', data_key(h), new_dram)
 redis.call('HINCRBY', COUNT, 'dram', 1)
