@@ -34,6 +34,16 @@ class DataPlane(ABC):
     def discard(self, payloads: Iterable[bytes]) -> None:  # noqa: B027 - nothing to free
         """Frees the bytes behind payloads the index no longer references."""
 
+    def stored_names(self) -> dict[str, float]:
+        """Name -> age in seconds of every object this plane holds for its namespace
+        outside Redis (segments, files); empty when the bytes live in Redis."""
+        return {}
+
+    @staticmethod
+    def payload_name(payload: bytes) -> str:
+        """The object name inside an external payload ``b"<name>:<num bytes>"``."""
+        return _parse(payload)[0]
+
 
 class RedisValuePlane(DataPlane):
     """Block bytes are the payload: Redis holds them next to the index."""
@@ -72,6 +82,9 @@ class SharedMemoryPlane(DataPlane):
     def discard(self, payloads: Iterable[bytes]) -> None:
         for payload in payloads:
             shm.unlink_segment(_parse(payload)[0])
+
+    def stored_names(self) -> dict[str, float]:
+        return shm.segment_ages(self._namespace)
 
 
 def make_data_plane(kind: DataPlaneKind, namespace: str) -> DataPlane:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from kvstore.data_planes import DataPlane
-from kvstore.shm import segment_prefix
+from kvstore.shm import name_ages, segment_prefix
 
 
 class DiskFilePlane(DataPlane):
@@ -56,6 +56,9 @@ class DiskFilePlane(DataPlane):
         for payload in payloads:
             name = payload.decode().rpartition(":")[0]
             (self.directory / name).unlink(missing_ok=True)
+
+    def stored_names(self) -> dict[str, float]:
+        return name_ages(str(self.directory), self._prefix)
 
     def file_names(self) -> list[str]:
         """This namespace's block files that exist now (tests count them for leaks)."""

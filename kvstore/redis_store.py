@@ -202,6 +202,28 @@ class RedisKVStore(KVStore):
         """This namespace's block files that exist now (tests count them for leaks)."""
         return self._disk.file_names() if self._disk is not None else []
 
+    def sweep_orphans(self, min_age_s: float = 60.0) -> int:
+        """Frees this namespace's segments and block files on this host that the index does
+        not name: left by a process that died between writing and indexing them, or by a
+        Redis that restarted empty. Spares those younger than ``min_age_s``, which may
+        belong to a put still in flight. Returns how many it freed."""
+        self._check_open()
+        dram, disk = self._run("payloads", self._prefix, self._refs)
+        num_freed = 0
+        planes = [(self._plane, dram), (self._disk, disk)]
+        for plane, payloads in planes:
+            if plane is None:
+                continue
+            indexed = {plane.payload_name(p) for p in payloads}
+            orphans = [
+                f"{name}:0".encode()
+                for name, age in plane.stored_names().items()
+                if name not in indexed and age >= min_age_s
+            ]
+            plane.discard(orphans)
+            num_freed += len(orphans)
+        return num_freed
+
     def clear(self) -> None:
         """Drops every block and pin of the namespace, for every handle: only safe while no
         request uses the store. Recovers space a crashed process left behind."""
@@ -215,6 +237,7 @@ class RedisKVStore(KVStore):
                 return
             self._is_closed = True
         try:
+            self._forget_dead_handles_of_this_host()
             self._drop("close")
         finally:
             self._client.close()
@@ -362,6 +385,23 @@ class RedisKVStore(KVStore):
                 f"asks for {self._config}; every handle must agree (or use another namespace)"
             )
 
+    def _forget_dead_handles_of_this_host(self) -> None:
+        """Unregisters handles whose process on this host is gone, so they do not keep the
+        namespace alive forever (handles of other hosts cannot be checked from here)."""
+        host = socket.gethostname()
+        dead = []
+        for raw in self._run_command("smembers", f"{self._prefix}handles"):
+            handle_host, _, rest = raw.decode().partition(":")
+            pid = int(rest.partition(":")[0])
+            if handle_host == host and pid != os.getpid() and not _process_exists(pid):
+                dead.append(raw)
+        if dead:
+            self._run_command("srem", f"{self._prefix}handles", *dead)
+
+    def _run_command(self, name: str, *args: Any) -> Any:
+        with self._unavailable_as_store_error():
+            return getattr(self._client, name)(*args)
+
     def _drop(self, mode: str) -> None:
         dram_freed, disk_freed = self._run("drop", self._prefix, mode, self._refs, self._handle_id)
         self._plane.discard(dram_freed)
@@ -387,6 +427,16 @@ class RedisKVStore(KVStore):
         # wrote then would never be.
         if self._is_closed:
             raise RuntimeError("this KV store handle is closed")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def _hexes(hashes: Iterable[BlockHash]) -> list[str]:
