@@ -20,7 +20,6 @@ from kvstore.base import KVStore
 from kvstore.config import TierConfig, split_spec
 from kvstore.data_planes import DataPlaneKind
 from kvstore.embedded import EmbeddedKVStore
-from kvstore.redis_store import RedisKVStore
 
 # spec scheme -> (scheme redis-py connects with, data plane)
 _REDIS_SCHEMES: dict[str, tuple[str, DataPlaneKind]] = {
@@ -43,6 +42,9 @@ def open_tiered_store(spec: str, tiers: TierConfig, *, namespace: str = "pdmesh"
         return EmbeddedKVStore(tiers.capacity_blocks, tiers)
     scheme, sep, rest = spec.partition("://")
     if sep and scheme in _REDIS_SCHEMES:
+        # Imported here: hosts that never use Redis need not have redis-py.
+        from kvstore.redis_store import RedisKVStore
+
         redis_scheme, data_plane = _REDIS_SCHEMES[scheme]
         return RedisKVStore(
             f"{redis_scheme}://{rest}",

@@ -60,7 +60,9 @@ class PinnedStaging:
     def download(self, device_rows: torch.Tensor) -> list[bytes]:
         """Store bytes of (n, block_bytes) uint8 device rows; waits for the copy."""
         if device_rows.dim() != 2 or device_rows.shape[1] != self.block_bytes:
-            raise ValueError(f"expected (n, {self.block_bytes}) rows, got {tuple(device_rows.shape)}")
+            raise ValueError(
+                f"expected (n, {self.block_bytes}) rows, got {tuple(device_rows.shape)}"
+            )
         rows = self._take_rows(int(device_rows.shape[0]))
         rows.copy_(device_rows, non_blocking=self.is_pinned)
         self._mark_copied()

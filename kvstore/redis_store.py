@@ -32,6 +32,7 @@ any missing block.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -82,7 +83,9 @@ class RedisKVStore(KVStore):
         self._prefix = f"{namespace}:"
         self._plane_kind = data_plane
         self._plane: DataPlane = make_data_plane(data_plane, namespace)
-        self._disk = DiskFilePlane(tiers.disk_path(namespace), namespace) if tiers.has_disk else None
+        self._disk = (
+            DiskFilePlane(tiers.disk_path(namespace), namespace) if tiers.has_disk else None
+        )
         self._refs = "1" if self._plane.holds_external_data else "0"
         self._client = redis.Redis.from_url(url)
         self._url = url
@@ -90,8 +93,9 @@ class RedisKVStore(KVStore):
             name: self._client.register_script(body) for name, body in redis_scripts.SCRIPTS.items()
         }
         # What every handle of the namespace must agree on, checked when it opens.
-        self._config = f"capacity_blocks={capacity_blocks} data_plane={data_plane} " + (
-            tiers.describe().partition(" ")[2]
+        self._config = (
+            f"capacity_blocks={capacity_blocks} data_plane={data_plane} "
+            + (tiers.describe().partition(" ")[2])
         )
         self._handle_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._close_lock = threading.Lock()
@@ -166,9 +170,7 @@ class RedisKVStore(KVStore):
 
     def stats(self) -> StoreStats:
         self._check_open()
-        num_dram, num_pinned_dram, num_disk, num_pinned_disk, *_ = self._run(
-            "stats", self._prefix
-        )
+        num_dram, num_pinned_dram, num_disk, num_pinned_disk, *_ = self._run("stats", self._prefix)
         return StoreStats(
             num_blocks=int(num_dram) + int(num_disk),
             num_pinned_blocks=int(num_pinned_dram) + int(num_pinned_disk),
@@ -367,10 +369,9 @@ class RedisKVStore(KVStore):
 
     def _remove_disk_dir_if_empty(self) -> None:
         if self._disk is not None:
-            try:
+            # Fails while other namespaces' or live handles' files are still in it.
+            with contextlib.suppress(OSError):
                 self._disk.directory.rmdir()
-            except OSError:
-                pass  # other namespaces' or live handles' files are still in it
 
     def _free_disk(self, payloads: Iterable[bytes]) -> None:
         if self._disk is not None:

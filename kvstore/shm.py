@@ -17,6 +17,7 @@ under ``SEGMENT_PREFIX`` and pass every other name through unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -63,10 +64,8 @@ def name_ages(directory: str, prefix: str) -> dict[str, float]:
     except FileNotFoundError:
         return ages
     for name in names:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # unlinked meanwhile
             ages[name] = now - os.stat(os.path.join(directory, name)).st_mtime
-        except FileNotFoundError:
-            pass  # unlinked meanwhile
     return ages
 
 

@@ -53,9 +53,7 @@ def stop_redis(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _launch(
-    executable: str, log: IO[bytes], port: int
-) -> tuple[subprocess.Popen[bytes], int]:
+def _launch(executable: str, log: IO[bytes], port: int) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
         [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--loglevel", "warning"],
