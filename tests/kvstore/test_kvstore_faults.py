@@ -149,3 +149,12 @@ def test_processes_overfilling_the_tiers_complete_or_fail_clearly_and_leak_nothi
     _assert_nothing_leaked(store, namespace)
     store.close()
     assert shm_segments(namespace) == [] and store.disk_files() == []
+
+
+def test_an_unreachable_store_maps_to_grpc_unavailable() -> None:
+    import grpc
+
+    from pdmesh.rpc import status_for
+
+    code, message = status_for(StoreUnavailableError("KV store index is unreachable"))
+    assert (code, message) == (grpc.StatusCode.UNAVAILABLE, "KV store index is unreachable")
