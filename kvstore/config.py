@@ -25,12 +25,14 @@ class TierConfig:
     ``capacity_blocks`` is the host-DRAM tier (Redis values, shared memory or this
     process's heap); ``disk_capacity_blocks`` the file tier under ``disk_dir`` (0: no disk
     tier, DRAM victims are dropped). ``lease_ttl_s``: pins of an owner silent this long are
-    released (None: never)."""
+    released (None: never). ``peer_host``: the host name other hosts reach this one's
+    peer-to-peer block server at (``redis+p2p`` stores; default: this host's name)."""
 
     capacity_blocks: int
     disk_capacity_blocks: int = 0
     disk_dir: str | None = None
     lease_ttl_s: float | None = DEFAULT_LEASE_TTL_S
+    peer_host: str | None = None
 
     def __post_init__(self) -> None:
         if self.capacity_blocks < 1:
@@ -67,7 +69,7 @@ class TierConfig:
         )
 
 
-_QUERY_KEYS = ("disk_blocks", "disk_dir", "lease_ttl_s")
+_QUERY_KEYS = ("disk_blocks", "disk_dir", "lease_ttl_s", "peer_host")
 
 
 def split_spec(spec: str, capacity_blocks: int) -> tuple[str, TierConfig]:
@@ -87,6 +89,7 @@ def split_spec(spec: str, capacity_blocks: int) -> tuple[str, TierConfig]:
             disk_capacity_blocks=int(options.get("disk_blocks", "0")),
             disk_dir=options.get("disk_dir") or None,
             lease_ttl_s=_parse_ttl(ttl_text),
+            peer_host=options.get("peer_host") or None,
         )
     except ValueError as error:
         raise ValueError(f"bad KV store spec {spec!r}: {error}") from None

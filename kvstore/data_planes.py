@@ -13,7 +13,9 @@ from typing import Literal
 
 from kvstore import shm
 
-DataPlaneKind = Literal["redis", "shm"]
+# "p2p": shared memory on the writer's host, served to other hosts over gRPC
+# (``kvstore.peer_plane``; the Redis store builds it, since it needs a server).
+DataPlaneKind = Literal["redis", "shm", "p2p"]
 
 
 class DataPlane(ABC):
@@ -39,9 +41,13 @@ class DataPlane(ABC):
         outside Redis (segments, files); empty when the bytes live in Redis."""
         return {}
 
-    @staticmethod
-    def payload_name(payload: bytes) -> str:
-        """The object name inside an external payload ``b"<name>:<num bytes>"``."""
+    def discard_stored(self, names: Iterable[str]) -> None:
+        """Frees objects by the names ``stored_names`` gave (no payload at hand)."""
+        self.discard(f"{name}:0".encode() for name in names)
+
+    def payload_name(self, payload: bytes) -> str:
+        """The name of this host's object behind an external payload (as in
+        ``stored_names``); "" when it names none here."""
         return _parse(payload)[0]
 
 
@@ -92,7 +98,9 @@ def make_data_plane(kind: DataPlaneKind, namespace: str) -> DataPlane:
         return RedisValuePlane()
     if kind == "shm":
         return SharedMemoryPlane(namespace)
-    raise ValueError(f"unknown data plane {kind!r}; expected 'redis' or 'shm'")
+    raise ValueError(
+        f"unknown data plane {kind!r}; expected 'redis' or 'shm' ('p2p' needs a peer server)"
+    )
 
 
 def _parse(payload: bytes) -> tuple[str, int]:

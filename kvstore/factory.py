@@ -7,6 +7,9 @@ Specs:
 - ``rediss://host:port/db``      the same over TLS.
 - ``redis+shm://host:port/db``   index in Redis, block bytes in POSIX shared memory: every
                                  process that opens it must run on one host.
+- ``redis+p2p://host:port/db``   index in Redis, block bytes in shared memory on the host
+                                 that wrote them, pulled over gRPC by readers on other
+                                 hosts (``?peer_host=`` names this host for them).
 
 Any spec takes tier and lease options as a query (``kvstore.config``):
 ``?disk_blocks=N`` adds a disk tier of N blocks (files under ``disk_dir``, default a
@@ -26,6 +29,7 @@ _REDIS_SCHEMES: dict[str, tuple[str, DataPlaneKind]] = {
     "redis": ("redis", "redis"),
     "rediss": ("rediss", "redis"),
     "redis+shm": ("redis", "shm"),
+    "redis+p2p": ("redis", "p2p"),
 }
 
 
@@ -55,5 +59,6 @@ def open_tiered_store(spec: str, tiers: TierConfig, *, namespace: str = "pdmesh"
         )
     raise ValueError(
         f"unknown KV store spec {spec!r}; expected 'embedded', 'redis://host:port/db', "
-        "'rediss://host:port/db' or 'redis+shm://host:port/db'"
+        "'rediss://host:port/db', 'redis+shm://host:port/db' or "
+        "'redis+p2p://host:port/db'"
     )

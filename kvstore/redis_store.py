@@ -7,8 +7,9 @@ half-written block; a pinned block is never evicted, so a reader's bytes cannot 
 while it copies them (a pinned disk block may move up to DRAM meanwhile: the reader then
 looks it up again).
 
-Tiers: DRAM (the ``redis`` or ``shm`` plane) above an optional disk tier of block files
-(``kvstore.disk_tier``; a path every handle can reach: one host, or a shared mount).
+Tiers: DRAM (the ``redis``, ``shm`` or ``p2p`` plane) above an optional disk tier of block
+files (``kvstore.disk_tier``; a path every handle can reach: one host, or a shared mount,
+or with ``p2p`` each host's own disk, served to the others by its peer server).
 
 Leases: an owner's pins expire ``lease_ttl_s`` after its last ``put``, ``get`` or ``renew``,
 so a worker that dies holding pins frees them without anyone cleaning up after it.
@@ -49,9 +50,10 @@ from kvstore import redis_scripts
 from kvstore.base import KVStore, StoreMetrics, StoreStats, TierOccupancy
 from kvstore.block_hash import BlockHash
 from kvstore.config import TierConfig
-from kvstore.data_planes import DataPlane, DataPlaneKind, make_data_plane
+from kvstore.data_planes import DataPlane, DataPlaneKind, SharedMemoryPlane, make_data_plane
 from kvstore.disk_tier import DiskFilePlane
 from kvstore.errors import StoreFullError, StoreUnavailableError
+from kvstore.peer_plane import BlockPeerServer, PeerPlane
 
 # A put or promotion that keeps losing its victims to other writers stops asking for disk
 # copies after this many rounds and drops the victims instead (bounded work per call).
@@ -82,10 +84,16 @@ class RedisKVStore(KVStore):
         self._capacity_blocks = capacity_blocks
         self._prefix = f"{namespace}:"
         self._plane_kind = data_plane
-        self._plane: DataPlane = make_data_plane(data_plane, namespace)
-        self._disk = (
+        self._disk_files = (
             DiskFilePlane(tiers.disk_path(namespace), namespace) if tiers.has_disk else None
         )
+        self._peers: BlockPeerServer | None = None
+        self._plane: DataPlane
+        self._disk: DataPlane | None
+        if data_plane == "p2p":
+            self._plane, self._disk = self._open_peer_planes(namespace)
+        else:
+            self._plane, self._disk = make_data_plane(data_plane, namespace), self._disk_files
         self._refs = "1" if self._plane.holds_external_data else "0"
         self._client = redis.Redis.from_url(url)
         self._url = url
@@ -197,12 +205,25 @@ class RedisKVStore(KVStore):
             evictions=events.get("evictions", 0),
             expired_owners=events.get("expired_owners", 0),
             num_owners=num_owners,
-            bytes_moved=dict(self._bytes_moved),
+            bytes_moved=self._bytes_by_path(),
         )
+
+    def _bytes_by_path(self) -> dict[str, int]:
+        moved = dict(self._bytes_moved)
+        planes = (self._plane, self._disk)
+        remote = sum(p.bytes_from_peers for p in planes if isinstance(p, PeerPlane))
+        if remote:
+            moved["p2p_remote_read"] = remote
+        return moved
 
     def disk_files(self) -> list[str]:
         """This namespace's block files that exist now (tests count them for leaks)."""
-        return self._disk.file_names() if self._disk is not None else []
+        return self._disk_files.file_names() if self._disk_files is not None else []
+
+    @property
+    def peer_address(self) -> str | None:
+        """Where peers reach this handle's block server (``redis+p2p`` only)."""
+        return self._peers.address if self._peers is not None else None
 
     def sweep_orphans(self, min_age_s: float = 60.0) -> int:
         """Frees this namespace's segments and block files on this host that the index does
@@ -218,11 +239,11 @@ class RedisKVStore(KVStore):
                 continue
             indexed = {plane.payload_name(p) for p in payloads}
             orphans = [
-                f"{name}:0".encode()
+                name
                 for name, age in plane.stored_names().items()
                 if name not in indexed and age >= min_age_s
             ]
-            plane.discard(orphans)
+            plane.discard_stored(orphans)
             num_freed += len(orphans)
         return num_freed
 
@@ -240,10 +261,17 @@ class RedisKVStore(KVStore):
             self._is_closed = True
         try:
             self._forget_dead_handles_of_this_host()
+            if self._peers is not None:
+                self._drop_served_blocks()
             self._drop("close")
         finally:
             self._client.close()
             self._remove_disk_dir_if_empty()
+            if self._peers is not None:
+                self._peers.stop()
+                for plane in (self._plane, self._disk):
+                    if isinstance(plane, PeerPlane):
+                        plane.close()
 
     # -- put ---------------------------------------------------------------------------
 
@@ -367,11 +395,30 @@ class RedisKVStore(KVStore):
 
     # -- plumbing ----------------------------------------------------------------------
 
-    def _remove_disk_dir_if_empty(self) -> None:
+    def _drop_served_blocks(self) -> None:
+        """Takes the blocks this handle's server serves out of the index before the server
+        stops: other hosts could not reach them any more."""
+        assert isinstance(self._plane, PeerPlane)
+        dram, disk = self._run("drop_served", self._prefix, self._plane.address_prefix)
+        self._plane.discard(dram)
         if self._disk is not None:
+            self._disk.discard(disk)
+
+    def _open_peer_planes(self, namespace: str) -> tuple[DataPlane, DataPlane | None]:
+        local: dict[str, DataPlane] = {"shm": SharedMemoryPlane(namespace)}
+        if self._disk_files is not None:
+            local["disk"] = self._disk_files
+        advertise = self._tiers.peer_host or socket.gethostname()
+        self._peers = BlockPeerServer(local, bind_host="0.0.0.0", advertise_host=advertise)
+        dram = PeerPlane(local["shm"], "shm", self._peers)
+        disk = PeerPlane(local["disk"], "disk", self._peers) if "disk" in local else None
+        return dram, disk
+
+    def _remove_disk_dir_if_empty(self) -> None:
+        if self._disk_files is not None:
             # Fails while other namespaces' or live handles' files are still in it.
             with contextlib.suppress(OSError):
-                self._disk.directory.rmdir()
+                self._disk_files.directory.rmdir()
 
     def _free_disk(self, payloads: Iterable[bytes]) -> None:
         if self._disk is not None:

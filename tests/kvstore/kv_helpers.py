@@ -9,7 +9,7 @@ from kvstore.base import KVStore
 from kvstore.block_hash import BlockHash, block_hash
 from kvstore.shm import segment_prefix
 
-SINGLE_TIER_BACKENDS = ("embedded", "redis", "redis+shm")
+SINGLE_TIER_BACKENDS = ("embedded", "redis", "redis+shm", "redis+p2p")
 # DRAM above a small disk tier: the contract holds wherever eviction order is not observed.
 TIERED_BACKENDS = ("embedded+disk", "redis+shm+disk")
 BACKENDS = SINGLE_TIER_BACKENDS + TIERED_BACKENDS

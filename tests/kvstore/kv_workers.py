@@ -88,3 +88,12 @@ def churn(spec: str, capacity: int, namespace: str, index: int, results: Queue) 
     finally:
         results.put((num_done, num_full, errors))
         store.close()
+
+
+def put_and_hang(spec: str, capacity: int, namespace: str, salt: str, ready: Event) -> None:
+    """A host that publishes two blocks and then crashes (is killed) without closing."""
+    store = open_store(spec, capacity, namespace=namespace)
+    store.put("publisher", blocks(*chain_hashes(2, salt=salt)))
+    store.release("publisher")
+    ready.set()
+    time.sleep(TIMEOUT_S)
