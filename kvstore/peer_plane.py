@@ -3,9 +3,9 @@
 Each store handle runs a small gRPC server (``BlockPeerServer``) that streams the bytes of
 blocks in its host's shared memory or disk tier to any peer that asks, and frees them when
 a peer's eviction says so. A payload in the index then names the host and server that hold
-the bytes: ``b"<boot id>@<host:port>|<tier>|<local payload>"``. A reader on that host (same advertised
-host name, same kernel boot) reads the segment or file directly, whichever process wrote
-it; a reader elsewhere pulls it in 1 MiB chunks from the holder's server (Mooncake's
+the bytes: ``b"<boot id>@<host:port>|<tier>|<local payload>"``. A reader on that host
+(same advertised host name, same kernel boot) reads the segment or file directly, whichever
+process wrote it; a reader elsewhere pulls it in 1 MiB chunks from the holder's server (Mooncake's
 transfer engine, in its simplest form: TCP, no RDMA).
 
 The wire carries raw block bytes and payload names, not pickles: a request is a payload,
