@@ -5,8 +5,9 @@
 
 Host paths: the embedded store (same process: ``get`` hands back the stored ``bytes``
 objects, no copy), POSIX shared memory (raw segments, and the Redis-indexed store on them),
-block bytes in Redis, the disk tier (raw block files, and a tiered store whose put demotes
-and whose get promotes). The limits: one large ``memcpy``, and a per-block copy into new
+block bytes in Redis, the peer-to-peer plane (a reader on "another host" streaming blocks
+over gRPC from the writer's block server, here over loopback), the disk tier (raw block
+files, and a tiered store whose put demotes and whose get promotes). The limits: one large ``memcpy``, and a per-block copy into new
 ``bytes`` (what any path that hands out fresh bytes must pay at least). With ``--device
 cuda`` also: store bytes to device through pageable memory and through pinned staging rows,
 device to store bytes, the copy engine's limit (one large pinned copy each way), a device
@@ -172,6 +173,29 @@ def tier_paths(bench: Bench, name: str, spec: str) -> None:
         bench.measure(name, "get promoting from disk", setup_promoting_get)
         metrics = store.metrics()
         assert metrics.promotions > 0 and metrics.demotions > 0
+
+
+def p2p_paths(bench: Bench, host_port_db: str) -> None:
+    """A reader that is another host to the writer (it names the machine differently), so
+    every get streams the blocks over gRPC from the writer's block server (loopback TCP)."""
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    base = f"redis+p2p://{host_port_db}"
+    writer = open_store(f"{base}?peer_host=127.0.0.1", bench.num_blocks, namespace=namespace)
+    reader = open_store(f"{base}?peer_host=localhost", bench.num_blocks, namespace=namespace)
+    try:
+        written = bench.fresh_blocks()
+        writer.put("writer", written)
+        hashes = [h for h, _ in written]
+
+        def setup_get() -> Callable[[], object]:
+            reader.release("reader")
+            return lambda: reader.get("reader", hashes)
+
+        bench.measure("redis+p2p store", "get from another host", setup_get, note="loopback")
+        assert reader.get("check", hashes) == [d for _, d in written]
+    finally:
+        reader.close()
+        writer.close()
 
 
 def raw_planes(bench: Bench, disk_dir: Path) -> None:
@@ -357,13 +381,14 @@ def main() -> None:
             if url is None:
                 bench.notes.append(
                     "no redis-server on PATH (or no redis-py): the Redis-indexed store paths "
-                    "(redis, redis+shm, redis+shm+disk) were skipped"
+                    "(redis, redis+shm, redis+shm+disk, redis+p2p) were skipped"
                 )
             else:
                 host_port_db = url.partition("://")[2]
                 store_paths(bench, "redis store", f"redis://{host_port_db}")
                 store_paths(bench, "redis+shm store", f"redis+shm://{host_port_db}")
                 tier_paths(bench, "redis+shm+disk", f"redis+shm://{host_port_db}?{disk_query}")
+                p2p_paths(bench, host_port_db)
         if args.device == "cuda":
             gpu_paths(bench)
         host_limits(bench, "end")
