@@ -7,8 +7,9 @@ Host paths: the embedded store (same process: ``get`` hands back the stored ``by
 objects, no copy), POSIX shared memory (raw segments, and the Redis-indexed store on them),
 block bytes in Redis, the peer-to-peer plane (a reader on "another host" streaming blocks
 over gRPC from the writer's block server, here over loopback), the disk tier (raw block
-files, and a tiered store whose put demotes and whose get promotes). The limits: one large ``memcpy``, and a per-block copy into new
-``bytes`` (what any path that hands out fresh bytes must pay at least). With ``--device
+files, and a tiered store whose put demotes and whose get promotes). The limits: one large
+``memcpy``, and a per-block copy into new ``bytes`` (what any path that hands out fresh
+bytes must pay at least). With ``--device
 cuda`` also: store bytes to device through pageable memory and through pinned staging rows,
 device to store bytes, the copy engine's limit (one large pinned copy each way), a device
 copy, and CUDA IPC (a second process copying out of this one's device memory).
