@@ -6,6 +6,7 @@ give the same answer block for block (the embedded store is the reference)."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -182,3 +183,46 @@ def test_spec_options_are_checked(namespace: str) -> None:
     store = open_store("embedded?disk_blocks=2&lease_ttl_s=none", 4)
     assert [t.capacity_blocks for t in store.metrics().tiers] == [4, 2]
     store.close()
+
+
+def test_threads_overfilling_the_tiers_get_exact_bytes_or_store_full(
+    open_tiered: OpenTiered,
+) -> None:
+    store = open_tiered(dram=4, disk=4)
+    pool = chain_hashes(12)
+    errors: list[BaseException] = []
+    num_full = [0]
+
+    def worker(index: int) -> None:
+        rng = random.Random(index)
+        held: list[str] = []
+        try:
+            for step in range(20):
+                owner = f"thread-{index}-{step}"
+                picked = rng.sample(pool, 2)
+                try:
+                    store.put(owner, blocks(*picked))
+                    assert store.get(owner, picked) == [block_data(h) for h in picked]
+                except StoreFullError:
+                    num_full[0] += 1
+                held.append(owner)
+                if len(held) > 2:  # three requests of up to two blocks: more than DRAM holds
+                    store.release(held.pop(0))
+            for owner in held:
+                store.release(owner)
+        except BaseException as exc:  # surfaced in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert num_full[0] > 0, "the load must overflow DRAM"
+    metrics = store.metrics()
+    assert metrics.num_owners == 0
+    assert [t.num_pinned_blocks for t in metrics.tiers] == [0, 0]
+    assert metrics.tier("dram").num_blocks <= 4 and metrics.tier("disk").num_blocks <= 4
+    assert isinstance(store, (EmbeddedKVStore, RedisKVStore))
+    assert len(store.disk_files()) == metrics.tier("disk").num_blocks
