@@ -46,7 +46,7 @@ def _assert_nothing_leaked(store: RedisKVStore, namespace: str) -> None:
 def test_pins_of_a_killed_worker_expire_and_are_reclaimed(
     redis_url: str, namespace: str, disk_blocks: int
 ) -> None:
-    spec = f"{store_spec('redis+shm', redis_url)}?disk_blocks={disk_blocks}&lease_ttl_s=1"
+    spec = f"{store_spec('redis+shm', redis_url)}?disk_blocks={disk_blocks}&lease_ttl_s=2"
     store = open_store(spec, CAPACITY_BLOCKS, namespace=namespace)
     assert isinstance(store, RedisKVStore)
     shared = chain_hashes(2, salt="shared")

@@ -16,6 +16,7 @@ from kvstore.base import KVStore, StoreStats
 from kvstore.embedded import EmbeddedKVStore
 from kvstore.errors import StoreFullError
 from kvstore.factory import open_store
+from kvstore.leases import LeaseKeeper
 from kvstore.redis_store import RedisKVStore
 from tests.kvstore.kv_helpers import block_data, blocks, chain_hashes, shm_segments, store_spec
 
@@ -155,11 +156,11 @@ def test_random_work_respects_every_capacity_and_returns_exact_bytes(
 def test_leases_of_silent_owners_expire_and_renewed_ones_do_not(
     open_tiered: OpenTiered,
 ) -> None:
-    store = open_tiered(dram=2, disk=0, lease_ttl_s="1.0")
+    store = open_tiered(dram=2, disk=0, lease_ttl_s="2.0")
     a, b = chain_hashes(2)
     store.put("silent", blocks(a))
     store.put("alive", blocks(b))
-    deadline = time.monotonic() + 2.5
+    deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:  # well past the silent owner's TTL
         assert store.renew("alive")
         time.sleep(0.1)
@@ -171,6 +172,34 @@ def test_leases_of_silent_owners_expire_and_renewed_ones_do_not(
     (c,) = chain_hashes(1, salt="other")
     store.put("next", blocks(c))
     assert tiers_of(store, [a, b, c]) == [None, "dram", "dram"]
+
+
+@pytest.mark.parametrize("open_tiered", ["redis"], indirect=True)
+def test_a_lease_keeper_keeps_pins_alive_until_dropped(open_tiered: OpenTiered) -> None:
+    # TTL 2 s renewed every 0.2 s: a busy CI machine may stall the keeper over a second.
+    store = open_tiered(dram=2, disk=0, lease_ttl_s="2.0")
+    a, b = chain_hashes(2)
+    keeper = LeaseKeeper(store, interval_s=0.2)
+    try:
+        store.put("long-prefill", blocks(a))
+        keeper.hold("long-prefill")
+        store.put("forgotten", blocks(b))
+        _wait_for(lambda: store.metrics().expired_owners == 1, timeout_s=10.0)
+        time.sleep(2.0)  # a TTL more: the kept owner must still hold its pin
+        assert store.renew("long-prefill") and not store.renew("forgotten")
+        assert tiers_of(store, [a]) == ["dram"] and store.stats().num_pinned_blocks == 1
+        keeper.drop("long-prefill")
+        _wait_for(lambda: store.stats().num_pinned_blocks == 0, timeout_s=10.0)
+        assert store.metrics().expired_owners == 2
+    finally:
+        keeper.close()
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
 def test_spec_options_are_checked(namespace: str) -> None:
