@@ -13,7 +13,9 @@ from typing import Literal
 
 from kvstore import shm
 
-DataPlaneKind = Literal["redis", "shm"]
+# "p2p": shared memory on the writer's host, served to other hosts over gRPC
+# (``kvstore.peer_plane``; the Redis store builds it, since it needs a server).
+DataPlaneKind = Literal["redis", "shm", "p2p"]
 
 
 class DataPlane(ABC):
@@ -33,6 +35,20 @@ class DataPlane(ABC):
 
     def discard(self, payloads: Iterable[bytes]) -> None:  # noqa: B027 - nothing to free
         """Frees the bytes behind payloads the index no longer references."""
+
+    def stored_names(self) -> dict[str, float]:
+        """Name -> age in seconds of every object this plane holds for its namespace
+        outside Redis (segments, files); empty when the bytes live in Redis."""
+        return {}
+
+    def discard_stored(self, names: Iterable[str]) -> None:
+        """Frees objects by the names ``stored_names`` gave (no payload at hand)."""
+        self.discard(f"{name}:0".encode() for name in names)
+
+    def payload_name(self, payload: bytes) -> str:
+        """The name of this host's object behind an external payload (as in
+        ``stored_names``); "" when it names none here."""
+        return _parse(payload)[0]
 
 
 class RedisValuePlane(DataPlane):
@@ -73,13 +89,18 @@ class SharedMemoryPlane(DataPlane):
         for payload in payloads:
             shm.unlink_segment(_parse(payload)[0])
 
+    def stored_names(self) -> dict[str, float]:
+        return shm.segment_ages(self._namespace)
+
 
 def make_data_plane(kind: DataPlaneKind, namespace: str) -> DataPlane:
     if kind == "redis":
         return RedisValuePlane()
     if kind == "shm":
         return SharedMemoryPlane(namespace)
-    raise ValueError(f"unknown data plane {kind!r}; expected 'redis' or 'shm'")
+    raise ValueError(
+        f"unknown data plane {kind!r}; expected 'redis' or 'shm' ('p2p' needs a peer server)"
+    )
 
 
 def _parse(payload: bytes) -> tuple[str, int]:

@@ -34,3 +34,8 @@ class StoreFullError(KVStoreError):
             f"{num_free_blocks} are free and {num_evictable_blocks} evictable of "
             f"{capacity_blocks}; every other block is pinned by a live request"
         )
+
+
+class StoreUnavailableError(KVStoreError):
+    """The store's index (Redis) cannot be reached. Nothing is known about the operation's
+    effect; the caller may retry once the index is back."""

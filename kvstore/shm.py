@@ -17,15 +17,19 @@ under ``SEGMENT_PREFIX`` and pass every other name through unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import secrets
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
 SEGMENT_PREFIX = "pdmesh_"
+_SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory
 _RTYPE = "shared_memory"
 
 _filter_lock = threading.Lock()
@@ -43,6 +47,26 @@ def new_segment_name(namespace: str, block_hash_hex: str) -> str:
     """A fresh name per stored copy of a block: if a block is evicted and stored again, the
     new copy never collides with an old name another process is still unlinking."""
     return f"{segment_prefix(namespace)}{block_hash_hex}_{secrets.token_hex(8)}"
+
+
+def segment_ages(namespace: str) -> dict[str, float]:
+    """Name -> seconds since last written, for every segment of ``namespace`` on this host."""
+    return name_ages(_SHM_DIR, segment_prefix(namespace))
+
+
+def name_ages(directory: str, prefix: str) -> dict[str, float]:
+    """Name -> seconds since last written, for the entries of ``directory`` named
+    ``prefix...``."""
+    now = time.time()
+    ages: dict[str, float] = {}
+    try:
+        names = [name for name in os.listdir(directory) if name.startswith(prefix)]
+    except FileNotFoundError:
+        return ages
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):  # unlinked meanwhile
+            ages[name] = now - os.stat(os.path.join(directory, name)).st_mtime
+    return ages
 
 
 def create_segment(name: str, data: bytes) -> None:

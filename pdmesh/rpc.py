@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.errors import InvalidRequestError, RequestNotFoundError, WorkerLostError
-from kvstore.errors import StoreFullError
+from kvstore.errors import StoreFullError, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(error)
     if isinstance(error, (OverloadedError, StoreFullError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, (WorkerUnavailableError, WorkerLostError)):
+    if isinstance(error, (WorkerUnavailableError, WorkerLostError, StoreUnavailableError)):
         return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error) or "deadline exceeded"

@@ -36,8 +36,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def spec(backend: str, request: pytest.FixtureRequest) -> str:
     """The store spec of ``backend``; starts Redis only for the backends that use it."""
-    if backend == "embedded":
-        return "embedded"
+    if backend.startswith("embedded"):
+        return store_spec(backend, "")
     return store_spec(backend, request.getfixturevalue("redis_url"))
 
 

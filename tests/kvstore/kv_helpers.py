@@ -9,16 +9,20 @@ from kvstore.base import KVStore
 from kvstore.block_hash import BlockHash, block_hash
 from kvstore.shm import segment_prefix
 
-BACKENDS = ("embedded", "redis", "redis+shm")
+SINGLE_TIER_BACKENDS = ("embedded", "redis", "redis+shm", "redis+p2p")
+# DRAM above a small disk tier: the contract holds wherever eviction order is not observed.
+TIERED_BACKENDS = ("embedded+disk", "redis+shm+disk")
+BACKENDS = SINGLE_TIER_BACKENDS + TIERED_BACKENDS
 REDIS_BACKENDS = ("redis", "redis+shm")
+CONTRACT_DISK_BLOCKS = 3
 _TEST_NAMESPACE = b"pdmesh-tests"
 
 
 def store_spec(backend: str, redis_url: str) -> str:
     """The ``open_store`` spec of ``backend`` on the test Redis."""
-    if backend == "embedded":
-        return "embedded"
-    return f"{backend}://{redis_url.partition('://')[2]}"
+    base, plus_disk, _ = backend.partition("+disk")
+    spec = "embedded" if base == "embedded" else f"{base}://{redis_url.partition('://')[2]}"
+    return f"{spec}?disk_blocks={CONTRACT_DISK_BLOCKS}" if plus_disk else spec
 
 
 def chain_hashes(num_blocks: int, salt: str = "") -> list[BlockHash]:

@@ -1,5 +1,8 @@
 """The ``KVStore`` contract, checked on exact blocks for every backend: embedded, Redis with
-block bytes in Redis, and Redis with block bytes in shared memory."""
+block bytes in Redis, and Redis with block bytes in shared memory; and the embedded and
+Redis-with-shared-memory stores with a disk tier below DRAM. Tests that observe which block
+leaves the store run on single-tier stores only (with a disk tier the block moves down
+instead: ``test_kvstore_tiers`` checks that order)."""
 
 from __future__ import annotations
 
@@ -10,9 +13,16 @@ import pytest
 
 from kvstore.base import KVStore, StoreStats
 from kvstore.errors import StoreFullError
-from tests.kvstore.kv_helpers import block_data, blocks, chain_hashes, present
+from tests.kvstore.kv_helpers import (
+    SINGLE_TIER_BACKENDS,
+    block_data,
+    blocks,
+    chain_hashes,
+    present,
+)
 
 MakeStore = Callable[[int], KVStore]
+single_tier = pytest.mark.parametrize("backend", SINGLE_TIER_BACKENDS)
 
 
 def test_put_stores_pins_and_get_returns_the_bytes(make_store: MakeStore) -> None:
@@ -69,6 +79,7 @@ def test_repeated_pins_by_one_owner_go_with_one_release(make_store: MakeStore) -
     assert store.stats().num_pinned_blocks == 0
 
 
+@single_tier
 def test_a_block_stays_pinned_until_every_owner_releases(make_store: MakeStore) -> None:
     store = make_store(2)
     a, b, c = chain_hashes(3)
@@ -96,6 +107,7 @@ def test_release_is_idempotent_and_ignores_unknown_owners(make_store: MakeStore)
     assert store.stats() == StoreStats(num_blocks=1, num_pinned_blocks=0, capacity_blocks=4)
 
 
+@single_tier
 def test_eviction_takes_the_least_recently_released_and_a_chains_tail_first(
     make_store: MakeStore,
 ) -> None:
@@ -112,6 +124,7 @@ def test_eviction_takes_the_least_recently_released_and_a_chains_tail_first(
     assert present(store, [a, b, c, d, e, f, g]) == [d, e, f, g]
 
 
+@single_tier
 def test_get_makes_a_block_recently_used(make_store: MakeStore) -> None:
     store = make_store(3)
     a, b, c = chain_hashes(3)
@@ -124,6 +137,7 @@ def test_get_makes_a_block_recently_used(make_store: MakeStore) -> None:
     assert present(store, [a, b, c, d, e]) == [c, d, e]
 
 
+@single_tier
 def test_put_never_evicts_a_block_it_is_about_to_pin(make_store: MakeStore) -> None:
     store = make_store(2)
     a, b = chain_hashes(2)
@@ -201,6 +215,7 @@ def test_a_large_block_round_trips(make_store: MakeStore) -> None:
     assert store.get("reader", [a]) == [data]
 
 
+@single_tier
 def test_concurrent_threads_on_one_handle_leave_no_pins(make_store: MakeStore) -> None:
     store = make_store(6)
     pool = chain_hashes(12)

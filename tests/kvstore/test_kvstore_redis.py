@@ -193,8 +193,8 @@ def test_a_rerun_put_keeps_the_segments_its_first_run_indexed(
     (a,) = chain_hashes(1)
     data_by_hex = {a.hex(): block_data(a)}
     written: dict[str, bytes] = {}
-    first_run, _ = store._commit_put("req", blocks(a), data_by_hex, written)
-    rerun, _ = store._commit_put("req", blocks(a), data_by_hex, written)
+    first_run, *_ = store._commit_put("req", blocks(a), data_by_hex, written, {})
+    rerun, *_ = store._commit_put("req", blocks(a), data_by_hex, written, {})
     assert first_run == rerun == {a.hex()}
     assert store.get("reader", [a]) == [block_data(a)]
     store.close()
