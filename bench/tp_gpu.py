@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import tempfile
 import time
 from typing import Any
@@ -75,6 +76,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--out")
+    parser.add_argument(
+        "--tp-graphs", action="store_true", help="also TP>1 with CUDA graphs (NCCL captured)"
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as directory:
@@ -82,6 +86,10 @@ def main() -> None:
         rows.append(measure(directory, 1, False, args.batches, args.steps))
         for tp in args.tp:
             rows.append(measure(directory, tp, True, args.batches, args.steps))
+        if args.tp_graphs:
+            os.environ["PDMESH_TP_CUDA_GRAPHS"] = "1"  # read by every rank's model runner
+            for tp in (t for t in args.tp if t > 1):
+                rows.append(measure(directory, tp, False, args.batches, args.steps))
     scaling = {}
     for graphs in (True, False):
         by_tp = {r["tp"]: r for r in rows if r["cuda_graphs"] == graphs}

@@ -4,6 +4,7 @@ forward pass and the next tokens."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -105,9 +106,12 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
-        # Under tensor parallelism decode runs eagerly: capturing NCCL all-reduces in the
-        # graphs hung on 2 H200s (2026-11-22) and is left for later.
-        use_graphs = engine_config.tensor_parallel_size == 1 and not engine_config.enforce_eager
+        # Under tensor parallelism decode runs eagerly unless PDMESH_TP_CUDA_GRAPHS=1: capturing
+        # NCCL all-reduces in the graphs hung once on 2 H200s (2026-11-22) and is being probed.
+        tp_graphs = os.environ.get("PDMESH_TP_CUDA_GRAPHS") == "1"
+        use_graphs = not engine_config.enforce_eager and (
+            engine_config.tensor_parallel_size == 1 or tp_graphs
+        )
         if self.device.type == "cuda" and use_graphs:
             longest = engine_config.max_model_len or model_config.max_position_embeddings
             self.graphs = DecodeGraphs(
