@@ -112,6 +112,7 @@ class Engine:
     def shutdown(self) -> None:
         """Stops tensor-parallel followers; the engine is unusable afterwards."""
         if self.leader is not None:
+            self.runner.release_graphs()
             self.leader.shutdown()
             self.leader = None
 

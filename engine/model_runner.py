@@ -4,7 +4,6 @@ forward pass and the next tokens."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -106,12 +105,9 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
-        # Under tensor parallelism decode runs eagerly unless PDMESH_TP_CUDA_GRAPHS=1: capturing
-        # NCCL all-reduces in the graphs hung once on 2 H200s (2026-11-22) and is being probed.
-        tp_graphs = os.environ.get("PDMESH_TP_CUDA_GRAPHS") == "1"
-        use_graphs = not engine_config.enforce_eager and (
-            engine_config.tensor_parallel_size == 1 or tp_graphs
-        )
+        # Under tensor parallelism every rank captures the same buckets, NCCL all-reduces
+        # included, and replays them in the same order (each rank runs every step).
+        use_graphs = not engine_config.enforce_eager
         if self.device.type == "cuda" and use_graphs:
             longest = engine_config.max_model_len or model_config.max_position_embeddings
             self.graphs = DecodeGraphs(
@@ -120,6 +116,13 @@ class ModelRunner:
                 -(-longest // self.block_size),
                 self.device,
             )
+
+    def release_graphs(self) -> None:
+        """Destroys the captured graphs; they hold NCCL work that must go before the
+        communicator does (tearing down the group first hung)."""
+        self.graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _bytes_per_block(self) -> int:
         layer = self.attention_layers[0]

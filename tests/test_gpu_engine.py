@@ -73,3 +73,29 @@ def test_triton_path_matches_torch_reference_path(tmp_path: Path) -> None:
     finally:
         del os.environ["PDMESH_TORCH_OPS"]
     assert [o.token_ids for o in fast] == [o.token_ids for o in slow]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_cuda_graphs_equal_tp2_eager(tmp_path: Path) -> None:
+    """Decode graphs with captured NCCL all-reduces give the eager tokens, and the sharded
+    worker shuts down cleanly afterwards."""
+    directory = str(save_tiny_model("llama3", tmp_path))
+    prompts = random_prompts(6, seed=2)
+    params = SamplingParams(max_tokens=24, temperature=0)
+    outputs = []
+    for eager in (True, False):
+        config = EngineConfig(
+            model=directory,
+            device="cuda",
+            dtype="bfloat16",
+            tensor_parallel_size=2,
+            enforce_eager=eager,
+            max_model_len=1024,
+        )
+        llm = LLM(config)
+        try:
+            assert (llm.engine.runner.graphs is None) == eager
+            outputs.append([o.token_ids for o in llm.generate(prompts, params)])
+        finally:
+            llm.engine.shutdown()
+    assert outputs[0] == outputs[1]
