@@ -78,7 +78,8 @@ def test_triton_path_matches_torch_reference_path(tmp_path: Path) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tp2_cuda_graphs_equal_tp2_eager(tmp_path: Path) -> None:
     """Decode graphs with captured NCCL all-reduces give the eager tokens, and the sharded
-    worker shuts down cleanly afterwards."""
+    worker shuts down cleanly afterwards. float32: in bf16 a graph's padded batch bucket picks
+    other GEMM kernels than the eager batch, and rounding may flip a near tie."""
     directory = str(save_tiny_model("llama3", tmp_path))
     prompts = random_prompts(6, seed=2)
     params = SamplingParams(max_tokens=24, temperature=0)
@@ -87,7 +88,7 @@ def test_tp2_cuda_graphs_equal_tp2_eager(tmp_path: Path) -> None:
         config = EngineConfig(
             model=directory,
             device="cuda",
-            dtype="bfloat16",
+            dtype="float32",
             tensor_parallel_size=2,
             enforce_eager=eager,
             max_model_len=1024,
@@ -98,4 +99,5 @@ def test_tp2_cuda_graphs_equal_tp2_eager(tmp_path: Path) -> None:
             outputs.append([o.token_ids for o in llm.generate(prompts, params)])
         finally:
             llm.engine.shutdown()
-    assert outputs[0] == outputs[1]
+    for eager_tokens, graph_tokens in zip(*outputs, strict=True):
+        assert graph_tokens == eager_tokens
