@@ -36,11 +36,12 @@ def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
 
 
 def _presented_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+    """The bearer token of the first ``authorization`` entry: None without one, "" when it
+    is not a bearer token (which then matches nothing)."""
     for key, value in metadata or ():
-        if key == AUTHORIZATION and isinstance(value, str):
-            if value[: len(BEARER)].lower() == BEARER:
-                return value[len(BEARER) :].strip()
-            return None
+        if key == AUTHORIZATION:
+            is_bearer = isinstance(value, str) and value[: len(BEARER)].lower() == BEARER
+            return value[len(BEARER) :].strip() if is_bearer else ""
     return None
 
 
