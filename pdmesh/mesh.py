@@ -87,10 +87,12 @@ class WorkerHandle:
     role: str
     server: Server
     engine: AsyncEngine
+    #: The host a local client dials (its listen host, or loopback for a wildcard).
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
+        return f"{self.host}:{self.server.port}"
 
 
 async def start_worker(
@@ -127,7 +129,9 @@ async def start_worker(
         )
     await server.set_serving()
     logger.info("%s worker serving on port %d", role, server.port)
-    return WorkerHandle(role, server, async_engine)
+    host = address.rsplit(":", 1)[0]
+    wildcard = host in ("", "0.0.0.0", "::", "[::]")
+    return WorkerHandle(role, server, async_engine, "127.0.0.1" if wildcard else host)
 
 
 async def start_gateway(
