@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from engine.config import DTYPES, EngineConfig
 from engine.errors import PdmeshError
 from engine.sampling_params import SamplingParams
+from pdmesh.security_args import add_client_security_args, add_security_args, security_config_from
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +60,11 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.target:
         from pdmesh.client import stream_generate
+        from pdmesh.security_args import client_security_from
 
-        return stream_generate(args.target, args.prompt, args.chat, sampling_params_from(args))
+        security = client_security_from(args)
+        params = sampling_params_from(args)
+        return stream_generate(args.target, args.prompt, args.chat, params, security)
     from engine.llm import LLM
 
     params = sampling_params_from(args)  # validate before loading the model
@@ -80,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt as a user message")
     generate.add_argument("--target", help="HOST:PORT of a gateway (default: run offline)")
+    add_client_security_args(generate)
     add_engine_args(generate)
     add_sampling_args(generate)
     generate.set_defaults(func=cmd_generate)
@@ -87,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run the whole mesh locally (gateway on --port)")
     add_engine_args(up)
     add_mesh_args(up)
+    add_security_args(up)
+    up.add_argument(
+        "--worker-host", default="127.0.0.1", help="workers' listen address (default loopback)"
+    )
     up.add_argument("--prefill", type=int, default=1, help="prefill workers")
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--prefill-tp", type=int, default=1, help="ranks per prefill worker")
@@ -102,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("role", choices=["gateway", "prefill", "decode", "colocated"])
     add_engine_args(serve)
     add_mesh_args(serve)
+    add_security_args(serve)
     serve.add_argument("--prefill-addr", action="append", default=[], help="gateway: worker")
     serve.add_argument("--decode-addr", action="append", default=[], help="gateway: worker")
     serve.add_argument("--colocated-addr", action="append", default=[], help="gateway: worker")
@@ -125,13 +135,13 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     from pdmesh.launch import run_up
 
-    return run_up(args, engine_config_from(args))
+    return run_up(args, engine_config_from(args), security_config_from(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from pdmesh.launch import run_serve
 
-    return run_serve(args, engine_config_from(args))
+    return run_serve(args, engine_config_from(args), security_config_from(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,14 +75,20 @@ class Worker:
             self.recent_blocks.popitem(last=False)
 
 
-def connect(address: str, role: str) -> Worker:
-    channel = grpc.aio.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_receive_message_length", 256 << 20),
-            ("grpc.max_send_message_length", 256 << 20),
-        ],
-    )
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.max_send_message_length", 256 << 20),
+]
+#: Opens a channel to a worker (address, options); the mesh's adds the secret and TLS.
+OpenChannel = Callable[[str, list[tuple[str, Any]]], grpc.aio.Channel]
+
+
+def plaintext_channel(address: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=options)
+
+
+def connect(address: str, role: str, open_channel: OpenChannel = plaintext_channel) -> Worker:
+    channel = open_channel(address, CHANNEL_OPTIONS)
     return Worker(address, role, channel, STUBS[role](channel))
 
 
@@ -93,10 +99,11 @@ class Router:
         decode_addresses: list[str],
         colocated_addresses: list[str] | None = None,
         max_imbalance_tokens: int = 4096,
+        open_channel: OpenChannel = plaintext_channel,
     ) -> None:
-        self.prefill = [connect(a, "prefill") for a in prefill_addresses]
-        self.decode = [connect(a, "decode") for a in decode_addresses]
-        self.colocated = [connect(a, "colocated") for a in colocated_addresses or []]
+        self.prefill = [connect(a, "prefill", open_channel) for a in prefill_addresses]
+        self.decode = [connect(a, "decode", open_channel) for a in decode_addresses]
+        self.colocated = [connect(a, "colocated", open_channel) for a in colocated_addresses or []]
         self.max_imbalance_tokens = max_imbalance_tokens
         self._poller: asyncio.Task[None] | None = None
 

@@ -7,6 +7,7 @@ import sys
 import grpc
 
 from engine.sampling_params import SamplingParams
+from pdmesh.security import ClientSecurity
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 
@@ -31,11 +32,19 @@ def request_from(prompt: str, chat: bool, params: SamplingParams) -> gen_pb.Gene
     return request
 
 
-def stream_generate(target: str, prompt: str, chat: bool, params: SamplingParams) -> int:
-    with grpc.insecure_channel(target) as channel:
+def stream_generate(
+    target: str,
+    prompt: str,
+    chat: bool,
+    params: SamplingParams,
+    security: ClientSecurity | None = None,
+) -> int:
+    security = security or ClientSecurity()
+    with security.channel(target) as channel:
         stub = gen_grpc.GenerationStub(channel)
+        request = request_from(prompt, chat, params)
         try:
-            for piece in stub.Generate(request_from(prompt, chat, params)):
+            for piece in stub.Generate(request, metadata=security.metadata()):
                 sys.stdout.write(piece.text)
                 sys.stdout.flush()
                 if piece.HasField("usage"):

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from engine.config import EngineConfig
 from kvstore.factory import open_store
 from pdmesh.mesh import Mesh, MeshConfig, start_gateway, start_worker
+from pdmesh.security import SecurityConfig
 
 
 def _event_loop_policy() -> None:
@@ -71,7 +72,20 @@ def start_local_redis() -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("redis-server did not start")
 
 
-def run_up(args: argparse.Namespace, engine: EngineConfig) -> int:
+def describe_gateway(security: SecurityConfig) -> str:
+    """How the public port is protected; never a key itself."""
+    keys = len(security.api_keys)
+    public = f"{keys} API key(s) required" if keys else "public API open (no API key set)"
+    return f"{public}, {'TLS' if security.is_public_tls else 'plaintext'}"
+
+
+def describe_workers(security: SecurityConfig, generated_secret: bool) -> str:
+    """How the internal ports are protected; never the secret itself."""
+    secret = "generated for this process" if generated_secret else "configured"
+    return f"mesh secret {secret}{', mutual TLS' if security.is_mesh_tls else ''}"
+
+
+def run_up(args: argparse.Namespace, engine: EngineConfig, security: SecurityConfig) -> int:
     redis_process = None
     if args.store in ("redis", "redis+shm"):
         redis_process, url = start_local_redis()
@@ -79,17 +93,18 @@ def run_up(args: argparse.Namespace, engine: EngineConfig) -> int:
         args.store = url.replace("redis", scheme, 1)
         print(f"pdmesh: started redis-server at {url}", flush=True)
     try:
-        return _run_mesh(args, engine)
+        return _run_mesh(args, engine, security)
     finally:
         if redis_process is not None:
             redis_process.terminate()
             redis_process.wait(timeout=10)
 
 
-def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
+def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: SecurityConfig) -> int:
     config = MeshConfig(
         engine=engine,
         host=args.host,
+        worker_host=args.worker_host,
         gateway_port=args.port,
         num_prefill=args.prefill,
         num_decode=args.decode,
@@ -98,11 +113,18 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
         colocated=args.colocated,
         prefill_tp=args.prefill_tp,
         decode_tp=args.decode_tp,
+        security=security,
     )
 
     async def main() -> None:
         mesh = Mesh(config)
         await mesh.start()
+        generated = security.mesh_secret is None
+        print(
+            f"pdmesh: gateway: {describe_gateway(mesh.security)}; "
+            f"workers: {describe_workers(mesh.security, generated)}",
+            flush=True,
+        )
         for worker in mesh.workers:
             print(f"pdmesh: {worker.role} worker on {worker.address}", flush=True)
         print(
@@ -117,8 +139,13 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
     return 0
 
 
-def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
+def run_serve(args: argparse.Namespace, engine: EngineConfig, security: SecurityConfig) -> int:
     address = f"{args.host}:{args.port}"
+    if security.mesh_secret is None:  # fail before loading anything
+        raise ValueError(
+            f"pdmesh serve {args.role} needs the mesh secret shared by the gateway and its "
+            "workers: set PDMESH_MESH_SECRET or PDMESH_MESH_SECRET_FILE (or --mesh-secret-file)"
+        )
 
     async def main() -> None:
         store = open_store(args.store, args.store_capacity_blocks)
@@ -128,19 +155,28 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
                     "the gateway needs --prefill-addr and --decode-addr, or --colocated-addr"
                 )
             server, core = await start_gateway(
-                engine, store, address, args.prefill_addr, args.decode_addr, args.colocated_addr
+                engine,
+                store,
+                address,
+                args.prefill_addr,
+                args.decode_addr,
+                args.colocated_addr,
+                security=security,
             )
 
             async def stop() -> None:
                 await server.stop()
                 await core.router.close()
         else:
-            worker = await start_worker(args.role, engine, store, address)
+            worker = await start_worker(args.role, engine, store, address, security)
 
             async def stop() -> None:
                 await worker.server.stop()
                 worker.engine.stop()
 
+        is_gateway = args.role == "gateway"
+        described = describe_gateway(security) if is_gateway else describe_workers(security, False)
+        print(f"pdmesh: {args.role}: {described}", flush=True)
         print(f"pdmesh: {args.role} listening on {address}", flush=True)
         await _until_signal(stop)
         store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -21,7 +22,9 @@ from gateway.router import Router
 from gateway.service import GatewayCore, GenerationServicer
 from kvstore.base import KVStore
 from kvstore.factory import open_store
+from pdmesh.auth import gateway_interceptors, worker_channel, worker_interceptors
 from pdmesh.rpc import Server
+from pdmesh.security import SecurityConfig
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
 
@@ -41,7 +44,11 @@ class MeshConfig:
     """A whole local mesh. Workers listen on consecutive ports after the gateway's."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
+    #: The gateway's (public) listen address.
     host: str = "127.0.0.1"
+    #: The workers' listen address: loopback keeps them off the network (the gateway of
+    #: this process dials them on 127.0.0.1).
+    worker_host: str = "127.0.0.1"
     #: Gateway port; 0 picks free ports for every service (tests).
     gateway_port: int = 50051
     num_prefill: int = 1
@@ -54,6 +61,8 @@ class MeshConfig:
     #: Tensor-parallel ranks of each prefill / decode worker.
     prefill_tp: int = 1
     decode_tp: int = 1
+    #: API keys, mesh secret, TLS. Without a mesh secret, the Mesh generates one.
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or (self.num_decode < 1 and not self.colocated):
@@ -78,19 +87,27 @@ class WorkerHandle:
     role: str
     server: Server
     engine: AsyncEngine
+    #: The host a local client dials (its listen host, or loopback for a wildcard).
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
+        return f"{self.host}:{self.server.port}"
 
 
 async def start_worker(
-    role: str, config: EngineConfig, store: KVStore, address: str
+    role: str, config: EngineConfig, store: KVStore, address: str, security: SecurityConfig
 ) -> WorkerHandle:
+    """A worker that admits only callers holding ``security.mesh_secret`` (required)."""
     from decode_svc.service import ColocatedServicer, DecodeServicer
     from prefill_svc.service import PrefillServicer
 
-    server = Server(address, [WORKER_SERVICES[role]])
+    server = Server(
+        address,
+        [WORKER_SERVICES[role]],
+        worker_interceptors(security),
+        security.mesh_server_credentials(),
+    )
     await server.start()  # health answers NOT_SERVING while the model loads
     kv_store = None if role == "colocated" else store
     engine = await asyncio.to_thread(Engine, config, kv_store, role == "prefill")
@@ -112,7 +129,9 @@ async def start_worker(
         )
     await server.set_serving()
     logger.info("%s worker serving on port %d", role, server.port)
-    return WorkerHandle(role, server, async_engine)
+    host = address.rsplit(":", 1)[0]
+    wildcard = host in ("", "0.0.0.0", "::", "[::]")
+    return WorkerHandle(role, server, async_engine, "127.0.0.1" if wildcard else host)
 
 
 async def start_gateway(
@@ -122,13 +141,26 @@ async def start_gateway(
     prefill: list[str],
     decode: list[str],
     colocated: list[str] | None = None,
+    *,
+    security: SecurityConfig,
 ) -> tuple[Server, GatewayCore]:
-    server = Server(address, [GATEWAY_SERVICE])
+    """The gateway: API keys (if any) on its port, the mesh secret on its calls to workers."""
+    server = Server(
+        address,
+        [GATEWAY_SERVICE],
+        gateway_interceptors(security),
+        security.public_server_credentials(),
+    )
     await server.start()
     source = resolve_model(config.model)
     model_config = load_model_config(source)
     tokenizer = await asyncio.to_thread(load_tokenizer, source)
-    router = Router(prefill, decode, colocated)
+    router = Router(
+        prefill,
+        decode,
+        colocated,
+        open_channel=functools.partial(worker_channel, security=security),
+    )
     await router.start()
     limit = model_config.max_position_embeddings
     core = GatewayCore(
@@ -152,6 +184,7 @@ class Mesh:
 
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
+        self.security = config.security.with_mesh_secret()
         self.store = open_store(config.store, config.store_capacity_blocks)
         self.workers: list[WorkerHandle] = []
         self.gateway: Server | None = None
@@ -173,9 +206,10 @@ class Mesh:
             "colocated": config.prefill_tp,
         }
         for index, role in enumerate(roles):
-            address = f"{config.host}:{config.worker_port(index)}"
+            address = f"{config.worker_host}:{config.worker_port(index)}"
             engine = dataclasses.replace(config.engine, tensor_parallel_size=tp[role])
-            self.workers.append(await start_worker(role, engine, self.store, address))
+            worker = await start_worker(role, engine, self.store, address, self.security)
+            self.workers.append(worker)
         self.gateway, self.core = await start_gateway(
             config.engine,
             self.store,
@@ -183,6 +217,7 @@ class Mesh:
             [w.address for w in self.workers if w.role == "prefill"],
             [w.address for w in self.workers if w.role == "decode"],
             [w.address for w in self.workers if w.role == "colocated"],
+            security=self.security,
         )
 
     async def stop(self) -> None:

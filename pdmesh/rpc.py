@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -26,6 +26,10 @@ class WorkerUnavailableError(Exception):
     """No healthy worker of the needed role."""
 
 
+class UnauthenticatedError(Exception):
+    """The caller presented no credential, or a wrong one (API key, mesh secret)."""
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """Maps a domain error to a gRPC status code and message."""
     if isinstance(error, grpc.aio.AioRpcError):  # a downstream worker's status passes through
@@ -41,6 +45,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, (WorkerUnavailableError, WorkerLostError, StoreUnavailableError)):
         return grpc.StatusCode.UNAVAILABLE, str(error)
+    if isinstance(error, UnauthenticatedError):
+        return grpc.StatusCode.UNAUTHENTICATED, str(error)
     if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error) or "deadline exceeded"
     return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
@@ -105,11 +111,19 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 class Server:
-    """A grpc.aio server with health (NOT_SERVING until ``set_serving``) and reflection."""
+    """A grpc.aio server with health (NOT_SERVING until ``set_serving``) and reflection.
+    ``interceptors`` run inside the error mapping (their errors become status codes too);
+    ``credentials`` make the port TLS."""
 
-    def __init__(self, address: str, service_names: list[str]) -> None:
+    def __init__(
+        self,
+        address: str,
+        service_names: list[str],
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
         self.server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[ErrorMappingInterceptor(), *interceptors],
             options=[
                 ("grpc.max_receive_message_length", 256 << 20),
                 ("grpc.max_send_message_length", 256 << 20),
@@ -121,7 +135,10 @@ class Server:
         reflection.enable_server_reflection(
             [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(address)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
 

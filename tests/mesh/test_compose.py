@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import os
 import shutil
 import subprocess
 import sys
@@ -277,19 +278,39 @@ def compose_cli() -> list[str] | None:
     return None
 
 
-def test_docker_compose_config_accepts_the_file(parsed: dict[str, argparse.Namespace]) -> None:
-    cli = compose_cli()
-    if cli is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
-    result = subprocess.run(
+def test_every_pdmesh_service_reads_the_mesh_secret_from_the_host(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """The workers refuse callers without the secret and `pdmesh serve` will not start
+    without one: compose passes the host's PDMESH_MESH_SECRET to all, and stops if unset."""
+    for name in ROLES:
+        value = services[name]["environment"]["PDMESH_MESH_SECRET"]
+        assert value.startswith("${PDMESH_MESH_SECRET:?"), name
+
+
+def compose_config(cli: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [*cli, "--file", str(COMPOSE_FILE), "config"],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=120,
+        env=env,
     )
+
+
+def test_docker_compose_config_accepts_the_file(parsed: dict[str, argparse.Namespace]) -> None:
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    environment = {k: v for k, v in os.environ.items() if k != "PDMESH_MESH_SECRET"}
+    unset = compose_config(cli, environment)
+    assert unset.returncode != 0 and "PDMESH_MESH_SECRET" in unset.stderr
+    secret = "compose-test-secret-0123456789"
+    result = compose_config(cli, {**environment, "PDMESH_MESH_SECRET": secret})
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     assert set(resolved["services"]) == {"redis", *ROLES}
     for name, args in parsed.items():
         assert parse_command(resolved["services"][name]) == args
+        assert resolved["services"][name]["environment"]["PDMESH_MESH_SECRET"] == secret

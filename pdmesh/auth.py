@@ -1,0 +1,169 @@
+"""Bearer tokens on the wire: a server interceptor that admits only calls carrying one of its
+tokens (API keys at the gateway, the mesh secret at a worker), and the client side that
+attaches the mesh secret to every call the gateway makes to a worker.
+
+Health and reflection stay open on every port: load balancers and orchestrators probe health
+without credentials (as they do vLLM's and TGI's ``/health``), and reflection only describes
+the public protos.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from pdmesh.rpc import UnauthenticatedError
+from pdmesh.security import AUTHORIZATION, SecurityConfig
+
+logger = logging.getLogger(__name__)
+
+BEARER = "bearer "
+OPEN_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata that presents ``token``."""
+    return ((AUTHORIZATION, f"Bearer {token}"),)
+
+
+def _presented_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+    """The bearer token of the first ``authorization`` entry: None without one, "" when it
+    is not a bearer token (which then matches nothing)."""
+    for key, value in metadata or ():
+        if key == AUTHORIZATION:
+            is_bearer = isinstance(value, str) and value[: len(BEARER)].lower() == BEARER
+            return value[len(BEARER) :].strip() if is_bearer else ""
+    return None
+
+
+def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that fails with UNAUTHENTICATED (through the
+    error mapping in pdmesh.rpc, which wraps this interceptor)."""
+
+    def refuse(context: grpc.aio.ServicerContext) -> UnauthenticatedError:
+        logger.warning("refused %s from %s: %s", method, context.peer(), reason)
+        return UnauthenticatedError(reason)
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        raise refuse(context)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        raise refuse(context)
+        yield  # an async generator, like the handler it replaces
+
+    serialization = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **serialization)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **serialization)
+    raise ValueError(f"{method}: no client-streaming method needs authentication")
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Admits a call whose ``authorization: Bearer TOKEN`` is one of ``tokens``; health and
+    reflection need none."""
+
+    def __init__(self, tokens: frozenset[str], what: str) -> None:
+        if not tokens:
+            raise ValueError("an auth interceptor needs at least one token")
+        self._tokens = [token.encode() for token in tokens]
+        self._what = what
+
+    def _is_known(self, presented: str) -> bool:
+        candidate = presented.encode()
+        # Compare with every token, in constant time each, so timing tells nothing of which
+        # (or how much of one) matched.
+        matches = [hmac.compare_digest(candidate, token) for token in self._tokens]
+        return any(matches)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(OPEN_SERVICES):
+            return handler
+        presented = _presented_token(details.invocation_metadata)
+        if presented is None:
+            return _refusal(handler, method, f"missing {self._what} (authorization: Bearer ...)")
+        if not self._is_known(presented):
+            return _refusal(handler, method, f"invalid {self._what}")
+        return handler
+
+
+def gateway_interceptors(security: SecurityConfig) -> list[grpc.aio.ServerInterceptor]:
+    if not security.api_keys:
+        return []
+    return [BearerAuthInterceptor(security.api_keys, "API key")]
+
+
+def worker_interceptors(security: SecurityConfig) -> list[grpc.aio.ServerInterceptor]:
+    if security.mesh_secret is None:
+        raise ValueError(
+            "an internal worker needs the mesh secret: set PDMESH_MESH_SECRET or "
+            "PDMESH_MESH_SECRET_FILE (the same value for the gateway and every worker)"
+        )
+    return [BearerAuthInterceptor(frozenset([security.mesh_secret]), "mesh secret")]
+
+
+class _AttachToken:
+    """Adds ``authorization: Bearer TOKEN`` to a call's metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = bearer_metadata(token)
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *self._metadata)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+# grpc.aio files an interceptor under the first call kind it implements only, so each kind
+# gets its own class.
+class _AttachToUnary(_AttachToken, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _AttachToStream(_AttachToken, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(details), request)
+
+
+def worker_channel(
+    address: str, options: ChannelOptions, security: SecurityConfig
+) -> grpc.aio.Channel:
+    """The gateway's channel to a worker: mesh secret on every call, mutual TLS if set."""
+    if security.mesh_secret is None:
+        raise ValueError(
+            "the gateway needs its workers' mesh secret: set PDMESH_MESH_SECRET or "
+            "PDMESH_MESH_SECRET_FILE"
+        )
+    secret = security.mesh_secret
+    interceptors: list[grpc.aio.ClientInterceptor] = [
+        _AttachToUnary(secret),
+        _AttachToStream(secret),
+    ]
+    credentials = security.mesh_channel_credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
