@@ -185,11 +185,11 @@ class EngineConfig:
 
     @property
     def overlaps_steps(self) -> bool:
-        """Async scheduling applies (a single rank only: followers would need the tokens too)."""
-        wanted = self.async_scheduling
-        if wanted is None:
-            wanted = self.device.startswith("cuda")
-        return wanted and self.tensor_parallel_size == 1
+        """Async scheduling applies. Under tensor parallelism the leader patches the pending
+        inputs on its device before it broadcasts them, so followers never see a placeholder."""
+        if self.async_scheduling is None:
+            return self.device.startswith("cuda")
+        return self.async_scheduling
 
     @classmethod
     def from_env(cls, **overrides: Any) -> EngineConfig:

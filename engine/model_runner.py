@@ -63,8 +63,9 @@ class PackedStep:
     num_seqs: int
     max_blocks: int
     num_rows: int
-    #: Inputs taken from the previous step's device tokens (single rank only, so it is not
-    #: part of the header): longs end with their positions, then their source rows.
+    #: Inputs taken from the previous step's device tokens: longs end with their positions,
+    #: then their source rows. Only rank 0 reads them (it patches the inputs before they are
+    #: broadcast), so the count is not part of the header.
     num_substitutions: int = 0
 
     def header(self) -> list[int]:
@@ -300,7 +301,7 @@ class ModelRunner:
         longs = self._to_device(step.longs, torch.int64)
         ints = self._to_device(step.ints, torch.int32)
         if step.num_substitutions:
-            assert previous is not None and self.leader is None
+            assert previous is not None
             base, count = 3 * step.num_tokens, step.num_substitutions
             dst, src = longs[base : base + count], longs[base + count : base + 2 * count]
             longs[: step.num_tokens].index_copy_(0, dst, previous.device_ids[src])

@@ -34,10 +34,15 @@ def sharded(config: EngineConfig) -> Iterator[LLM]:
 
 
 @pytest.mark.parametrize(
-    ("kind", "world"),
-    [("llama3", 2), ("qwen2", 2), ("mistral_window", 2)],  # mistral_window: 1 KV head, replicated
+    ("kind", "world", "overlap"),
+    [
+        ("llama3", 2, False),
+        ("qwen2", 2, False),
+        ("mistral_window", 2, False),  # 1 KV head, replicated
+        ("llama3", 2, True),  # async scheduling: the leader patches inputs before broadcasting
+    ],
 )
-def test_tiny_models_tp_equals_tp1(kind: str, world: int, tmp_path: Path) -> None:
+def test_tiny_models_tp_equals_tp1(kind: str, world: int, overlap: bool, tmp_path: Path) -> None:
     directory = str(save_tiny_model(kind, tmp_path))
     prompts = random_prompts(6, seed=world)
     cache = CacheConfig(block_size=8)
@@ -45,7 +50,13 @@ def test_tiny_models_tp_equals_tp1(kind: str, world: int, tmp_path: Path) -> Non
         prompts, GREEDY
     )
     for llm in sharded(
-        EngineConfig(model=directory, device="cpu", cache=cache, tensor_parallel_size=world)
+        EngineConfig(
+            model=directory,
+            device="cpu",
+            cache=cache,
+            tensor_parallel_size=world,
+            async_scheduling=overlap,
+        )
     ):
         got = llm.generate(prompts, GREEDY)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
