@@ -20,6 +20,7 @@ from engine.sampler import Sampler
 from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence, TokenLogprob
 from engine.weights import iter_weights
+from kvstore.gpu_paths import PinnedStaging
 
 if TYPE_CHECKING:
     from engine.tensor_parallel import TPLeader
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 # Without a configured block count, CPU caches hold this many blocks (or one longest sequence).
 CPU_DEFAULT_NUM_BLOCKS = 1024
 GPU_MEMORY_UTILIZATION = 0.85
+#: Blocks per pinned staging transfer (2 MiB each for a Llama-3.1-8B shape: 64 MiB pinned).
+STAGING_ROWS = 32
 
 
 def build_model(
@@ -104,6 +107,12 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.num_blocks = self._decide_num_blocks()
         self._allocate_kv_cache()
+        #: Pinned host rows KV blocks travel through between the store and a GPU cache.
+        self.staging = (
+            PinnedStaging(self._bytes_per_stored_block(), STAGING_ROWS, self.device)
+            if self.device.type == "cuda"
+            else None
+        )
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
         # Under tensor parallelism every rank captures the same buckets, NCCL all-reduces
@@ -124,6 +133,12 @@ class ModelRunner:
         self.graphs = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _bytes_per_stored_block(self) -> int:
+        """A stored block holds every KV head (whatever this rank's share)."""
+        layer = self.attention_layers[0]
+        per_token = 2 * self.model_config.num_key_value_heads * layer.head_dim
+        return per_token * self.dtype.itemsize * self.block_size * len(self.attention_layers)
 
     def _bytes_per_block(self) -> int:
         layer = self.attention_layers[0]
@@ -166,8 +181,15 @@ class ModelRunner:
         if self.leader is not None:
             self.leader.send_read(block_ids)
         full = self.gathered_blocks(block_ids)
-        raw = full.contiguous().view(torch.uint8).reshape(len(block_ids), -1).cpu()
-        return [bytes(row.numpy()) for row in raw]
+        raw = full.contiguous().view(torch.uint8).reshape(len(block_ids), -1)
+        if self.staging is None:
+            return [bytes(row.numpy()) for row in raw]
+        rows = self.staging.num_rows
+        return [
+            data
+            for start in range(0, len(block_ids), rows)
+            for data in self.staging.download(raw[start : start + rows])
+        ]
 
     def gathered_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Every KV head of the blocks (a collective under tensor parallelism: all ranks call
@@ -194,7 +216,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def write_blocks(self, block_ids: list[int], data: list[bytes]) -> None:
-        raw = torch.stack([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data])
+        if self.staging is None:
+            raw = torch.stack([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data])
+            self._write_rows(block_ids, raw)
+            return
+        # Through pinned rows: one host copy per block, then an async copy to the device that
+        # the cache writes queued after it on the same stream wait for.
+        rows = self.staging.num_rows
+        for start in range(0, len(block_ids), rows):
+            chunk = block_ids[start : start + rows]
+            self._write_rows(chunk, self.staging.upload(data[start : start + rows]))
+
+    def _write_rows(self, block_ids: list[int], raw: torch.Tensor) -> None:
         if self.leader is not None:
             self.leader.send_write(block_ids, raw)
         self.write_local(block_ids, raw.to(self.device))

@@ -101,3 +101,23 @@ def test_tp2_cuda_graphs_equal_tp2_eager(tmp_path: Path) -> None:
             llm.engine.shutdown()
     for eager_tokens, graph_tokens in zip(*outputs, strict=True):
         assert graph_tokens == eager_tokens
+
+
+def test_kv_blocks_round_trip_through_pinned_staging(tmp_path: Path) -> None:
+    """Store bytes -> GPU cache -> store bytes, in more blocks than one staging transfer."""
+    from engine.model_runner import STAGING_ROWS
+
+    directory = save_tiny_model("llama3", tmp_path)
+    llm = LLM(EngineConfig(model=str(directory), device="cuda", dtype="bfloat16"))
+    runner = llm.engine.runner
+    assert runner.staging is not None and runner.staging.is_pinned
+    count = STAGING_ROWS + 8
+    for layer in runner.attention_layers:
+        layer.k_cache.normal_()
+        layer.v_cache.normal_()
+    source = runner.read_blocks(list(range(1, count + 1)))
+    targets = list(range(count + 1, 2 * count + 1))
+    runner.write_blocks(targets, source)
+    assert runner.read_blocks(targets) == source
+    for layer in runner.attention_layers:
+        torch.testing.assert_close(layer.k_cache[targets], layer.k_cache[1 : count + 1])
