@@ -120,6 +120,19 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
         "up: bare 'redis' or 'redis+shm' starts a private redis-server",
     )
     parser.add_argument("--store-capacity-blocks", type=int, default=8192)
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="first Prometheus /metrics HTTP port (up: workers take the next ones); "
+        "default $PDMESH_METRICS_PORT or 8000 (free ports when --port is 0); 0 = free "
+        "ports, -1 = off",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=env("PDMESH_LOG_FORMAT", "text"),
+        help="json: one JSON object per line, with the request id",
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:

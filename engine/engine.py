@@ -6,6 +6,7 @@ step():  schedule  ->  run the model  ->  append tokens, retire finished request
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from engine.model_runner import ModelRunner
 from engine.model_source import ModelSource, load_model_config, resolve_model
 from engine.parallel import SINGLE
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledChunk, Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
 from kvstore.base import KVStore
 from kvstore.block_hash import BlockHash
@@ -99,6 +100,8 @@ class Engine:
         )
         self.publish_kv = publish_kv and self.kv is not None
         self.requests: dict[str, Sequence] = {}
+        #: Called on the engine thread with each step's chunks after the model ran (metrics).
+        self.step_observers: list[Callable[[list[ScheduledChunk]], None]] = []
         self.generator = torch.Generator(device=config.device).manual_seed(config.seed)
 
     def shutdown(self) -> None:
@@ -212,6 +215,8 @@ class Engine:
         if not chunks:
             return []
         sampled = iter(self.runner.execute(chunks))
+        for observe in self.step_observers:
+            observe(chunks)
         outputs = []
         for chunk in chunks:
             seq = chunk.seq

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from kvstore.block_hash import BlockHash
+from pdmesh.request_log import client_interceptors
 from pdmesh.rpc import WorkerUnavailableError
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
@@ -78,6 +79,7 @@ class Worker:
 def connect(address: str, role: str) -> Worker:
     channel = grpc.aio.insecure_channel(
         address,
+        interceptors=client_interceptors(),  # calls carry the request id on
         options=[
             ("grpc.max_receive_message_length", 256 << 20),
             ("grpc.max_send_message_length", 256 << 20),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import shutil
 import signal
 import socket
@@ -16,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from engine.config import EngineConfig
 from kvstore.factory import open_store
 from pdmesh.mesh import Mesh, MeshConfig, start_gateway, start_worker
+from pdmesh.metrics import ServiceMetrics, resolve_metrics_port
+from pdmesh.request_log import configure_logging
 
 
 def _event_loop_policy() -> None:
@@ -98,6 +99,7 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
         colocated=args.colocated,
         prefill_tp=args.prefill_tp,
         decode_tp=args.decode_tp,
+        metrics_port=resolve_metrics_port(args.metrics_port, args.port),
     )
 
     async def main() -> None:
@@ -105,13 +107,15 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
         await mesh.start()
         for worker in mesh.workers:
             print(f"pdmesh: {worker.role} worker on {worker.address}", flush=True)
+        for name, port in mesh.metrics_ports.items():
+            print(f"pdmesh: {name} metrics on http://{config.host}:{port}/metrics", flush=True)
         print(
             f"pdmesh: gateway listening on {mesh.gateway_address} (store: {config.store})",
             flush=True,
         )
         await _until_signal(mesh.stop)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(args.log_format)
     _event_loop_policy()
     asyncio.run(main())
     return 0
@@ -119,6 +123,7 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
 
 def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
     address = f"{args.host}:{args.port}"
+    metrics_port = resolve_metrics_port(args.metrics_port, args.port)
 
     async def main() -> None:
         store = open_store(args.store, args.store_capacity_blocks)
@@ -128,24 +133,36 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
                     "the gateway needs --prefill-addr and --decode-addr, or --colocated-addr"
                 )
             server, core = await start_gateway(
-                engine, store, address, args.prefill_addr, args.decode_addr, args.colocated_addr
+                engine,
+                store,
+                address,
+                args.prefill_addr,
+                args.decode_addr,
+                args.colocated_addr,
+                metrics_port,
             )
+            metrics: ServiceMetrics | None = core.metrics
 
             async def stop() -> None:
                 await server.stop()
                 await core.router.close()
         else:
-            worker = await start_worker(args.role, engine, store, address)
+            worker = await start_worker(args.role, engine, store, address, metrics_port)
+            metrics = worker.metrics
 
             async def stop() -> None:
                 await worker.server.stop()
                 worker.engine.stop()
 
+        if metrics is not None:
+            print(f"pdmesh: metrics on http://{args.host}:{metrics.port}/metrics", flush=True)
         print(f"pdmesh: {args.role} listening on {address}", flush=True)
         await _until_signal(stop)
+        if metrics is not None:
+            metrics.stop()
         store.close()
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(args.log_format)
     _event_loop_policy()
     asyncio.run(main())
     return 0

@@ -21,6 +21,8 @@ from gateway.router import Router
 from gateway.service import GatewayCore, GenerationServicer
 from kvstore.base import KVStore
 from kvstore.factory import open_store
+from pdmesh.metrics import GatewayMetrics, WorkerMetrics, metrics_port
+from pdmesh.request_log import ServiceInterceptor
 from pdmesh.rpc import Server
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
@@ -54,6 +56,9 @@ class MeshConfig:
     #: Tensor-parallel ranks of each prefill / decode worker.
     prefill_tp: int = 1
     decode_tp: int = 1
+    #: First /metrics HTTP port (the gateway's; workers take the next ones); 0 picks free
+    #: ports; None serves no metrics.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or (self.num_decode < 1 and not self.colocated):
@@ -68,6 +73,8 @@ class MeshConfig:
             )
         if not 0 <= self.gateway_port < 65536:
             raise ValueError(f"bad port {self.gateway_port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"bad metrics port {self.metrics_port}")
 
     def worker_port(self, index: int) -> int:
         return 0 if self.gateway_port == 0 else self.gateway_port + 1 + index
@@ -78,6 +85,7 @@ class WorkerHandle:
     role: str
     server: Server
     engine: AsyncEngine
+    metrics: WorkerMetrics | None = None
 
     @property
     def address(self) -> str:
@@ -85,13 +93,22 @@ class WorkerHandle:
 
 
 async def start_worker(
-    role: str, config: EngineConfig, store: KVStore, address: str
+    role: str,
+    config: EngineConfig,
+    store: KVStore,
+    address: str,
+    metrics_port: int | None = None,
 ) -> WorkerHandle:
+    """``metrics_port``: serve /metrics there (0: a free port; None: no metrics)."""
     from decode_svc.service import ColocatedServicer, DecodeServicer
     from prefill_svc.service import PrefillServicer
 
-    server = Server(address, [WORKER_SERVICES[role]])
+    metrics = None if metrics_port is None else WorkerMetrics(role, store)
+    interceptor = ServiceInterceptor(role, metrics)
+    server = Server(address, [WORKER_SERVICES[role]], [interceptor])
     await server.start()  # health answers NOT_SERVING while the model loads
+    if metrics is not None:
+        store = metrics.metered(store)
     kv_store = None if role == "colocated" else store
     engine = await asyncio.to_thread(Engine, config, kv_store, role == "prefill")
     loop = asyncio.get_running_loop()
@@ -100,6 +117,9 @@ async def start_worker(
         asyncio.run_coroutine_threadsafe(server.set_not_serving(), loop)
 
     async_engine = AsyncEngine(engine, name=f"{role}-{server.port}", on_lost=on_lost)
+    if metrics is not None:
+        metrics.watch(async_engine)
+        metrics.serve(metrics_port or 0, address.rsplit(":", 1)[0])
     if role == "prefill":
         worker_grpc.add_PrefillWorkerServicer_to_server(
             PrefillServicer(async_engine), server.server
@@ -112,7 +132,7 @@ async def start_worker(
         )
     await server.set_serving()
     logger.info("%s worker serving on port %d", role, server.port)
-    return WorkerHandle(role, server, async_engine)
+    return WorkerHandle(role, server, async_engine, metrics)
 
 
 async def start_gateway(
@@ -122,9 +142,15 @@ async def start_gateway(
     prefill: list[str],
     decode: list[str],
     colocated: list[str] | None = None,
+    metrics_port: int | None = None,
 ) -> tuple[Server, GatewayCore]:
-    server = Server(address, [GATEWAY_SERVICE])
+    """``metrics_port``: serve /metrics there (0: a free port; None: no metrics); the
+    metrics are ``core.metrics``."""
+    metrics = None if metrics_port is None else GatewayMetrics("gateway", store)
+    server = Server(address, [GATEWAY_SERVICE], [ServiceInterceptor("gateway", metrics, True)])
     await server.start()
+    if metrics is not None:
+        store = metrics.metered(store)
     source = resolve_model(config.model)
     model_config = load_model_config(source)
     tokenizer = await asyncio.to_thread(load_tokenizer, source)
@@ -141,6 +167,10 @@ async def start_gateway(
         config.cache.block_size,
         cache_namespace(source, model_config, config),
     )
+    if metrics is not None:
+        core.metrics = metrics
+        metrics.watch(lambda: len(core.running), store)
+        metrics.serve(metrics_port or 0, address.rsplit(":", 1)[0])
     gen_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
     await server.set_serving()
     logger.info("gateway serving on port %d", server.port)
@@ -175,7 +205,8 @@ class Mesh:
         for index, role in enumerate(roles):
             address = f"{config.host}:{config.worker_port(index)}"
             engine = dataclasses.replace(config.engine, tensor_parallel_size=tp[role])
-            self.workers.append(await start_worker(role, engine, self.store, address))
+            port = metrics_port(config.metrics_port, 1 + index)
+            self.workers.append(await start_worker(role, engine, self.store, address, port))
         self.gateway, self.core = await start_gateway(
             config.engine,
             self.store,
@@ -183,14 +214,32 @@ class Mesh:
             [w.address for w in self.workers if w.role == "prefill"],
             [w.address for w in self.workers if w.role == "decode"],
             [w.address for w in self.workers if w.role == "colocated"],
+            metrics_port(config.metrics_port, 0),
         )
+
+    @property
+    def metrics_ports(self) -> dict[str, int]:
+        """Service name (gateway, prefill-0, decode-0, ...) -> its /metrics port."""
+        ports: dict[str, int] = {}
+        if self.core is not None and self.core.metrics and self.core.metrics.port:
+            ports["gateway"] = self.core.metrics.port
+        counts: dict[str, int] = {}
+        for worker in self.workers:
+            index = counts[worker.role] = counts.get(worker.role, -1) + 1
+            if worker.metrics is not None and worker.metrics.port:
+                ports[f"{worker.role}-{index}"] = worker.metrics.port
+        return ports
 
     async def stop(self) -> None:
         if self.gateway is not None:
             await self.gateway.stop()
         if self.core is not None:
             await self.core.router.close()
+            if self.core.metrics is not None:
+                self.core.metrics.stop()
         for worker in self.workers:
             await worker.server.stop()
             worker.engine.stop()
+            if worker.metrics is not None:
+                worker.metrics.stop()
         self.store.close()

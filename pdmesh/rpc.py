@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -107,9 +107,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 class Server:
     """A grpc.aio server with health (NOT_SERVING until ``set_serving``) and reflection."""
 
-    def __init__(self, address: str, service_names: list[str]) -> None:
+    def __init__(
+        self,
+        address: str,
+        service_names: list[str],
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        """``interceptors`` run outside the error mapping (they see the final status)."""
         self.server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[*interceptors, ErrorMappingInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", 256 << 20),
                 ("grpc.max_send_message_length", 256 << 20),
