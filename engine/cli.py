@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode-addr", action="append", default=[], help="gateway: worker")
     serve.add_argument("--colocated-addr", action="append", default=[], help="gateway: worker")
     serve.set_defaults(func=cmd_serve)
+
+    from pdmesh.bench.cli import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
