@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -22,10 +22,13 @@ from gateway.validation import ValidRequest, prompt_ids_of, validate
 from kvstore.base import KVStore
 from kvstore.block_hash import hash_full_blocks
 from pdmesh.convert import sampling_to_pb
-from pdmesh.metrics import GatewayMetrics, finish_status
+from pdmesh.request_log import finish_status
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2 as worker_pb
+
+if TYPE_CHECKING:
+    from pdmesh.metrics import GatewayMetrics
 
 UNSPECIFIED = gen_pb.FINISH_REASON_UNSPECIFIED
 

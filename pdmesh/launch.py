@@ -5,18 +5,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from kvstore.factory import open_store
 from pdmesh.mesh import Mesh, MeshConfig, start_gateway, start_worker
-from pdmesh.metrics import ServiceMetrics, resolve_metrics_port
 from pdmesh.request_log import configure_logging
+
+if TYPE_CHECKING:
+    from pdmesh.metrics import ServiceMetrics
+
+#: Default first metrics port of ``pdmesh up`` / ``pdmesh serve`` (vLLM serves /metrics on
+#: 8000); workers of ``pdmesh up`` take the ports after it, as their gRPC ports do.
+DEFAULT_METRICS_PORT = 8000
+
+
+def resolve_metrics_port(flag: int | None, grpc_port: int) -> int | None:
+    """The ``--metrics-port`` a service runs with: the flag (or ``PDMESH_METRICS_PORT``) when
+    given, -1 meaning off; otherwise 8000, or free ports when the gRPC port is 0 too."""
+    if flag is None:
+        flag = int(os.environ.get("PDMESH_METRICS_PORT", "-2"))
+        if flag == -2:
+            return 0 if grpc_port == 0 else DEFAULT_METRICS_PORT
+    if flag < -1 or flag > 65535:
+        raise ValueError(f"bad metrics port {flag} (-1 turns metrics off)")
+    return None if flag == -1 else flag
 
 
 def _event_loop_policy() -> None:

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
@@ -21,11 +22,13 @@ from gateway.router import Router
 from gateway.service import GatewayCore, GenerationServicer
 from kvstore.base import KVStore
 from kvstore.factory import open_store
-from pdmesh.metrics import GatewayMetrics, WorkerMetrics, metrics_port
 from pdmesh.request_log import ServiceInterceptor
 from pdmesh.rpc import Server
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
+
+if TYPE_CHECKING:
+    from pdmesh.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,14 @@ class MeshConfig:
         return 0 if self.gateway_port == 0 else self.gateway_port + 1 + index
 
 
+def service_metrics_port(first: int | None, index: int) -> int | None:
+    """Service ``index``'s metrics port (0 the gateway, then workers) when the first service
+    serves on ``first``: None stays off, 0 stays 0 (a free port each), N gives N + index."""
+    if first is None or first == 0:
+        return first
+    return first + index
+
+
 @dataclass
 class WorkerHandle:
     role: str
@@ -101,6 +112,7 @@ async def start_worker(
 ) -> WorkerHandle:
     """``metrics_port``: serve /metrics there (0: a free port; None: no metrics)."""
     from decode_svc.service import ColocatedServicer, DecodeServicer
+    from pdmesh.metrics import WorkerMetrics  # prometheus_client only where metrics are on
     from prefill_svc.service import PrefillServicer
 
     metrics = None if metrics_port is None else WorkerMetrics(role, store)
@@ -146,6 +158,8 @@ async def start_gateway(
 ) -> tuple[Server, GatewayCore]:
     """``metrics_port``: serve /metrics there (0: a free port; None: no metrics); the
     metrics are ``core.metrics``."""
+    from pdmesh.metrics import GatewayMetrics
+
     metrics = None if metrics_port is None else GatewayMetrics("gateway", store)
     server = Server(address, [GATEWAY_SERVICE], [ServiceInterceptor("gateway", metrics, True)])
     await server.start()
@@ -205,7 +219,7 @@ class Mesh:
         for index, role in enumerate(roles):
             address = f"{config.host}:{config.worker_port(index)}"
             engine = dataclasses.replace(config.engine, tensor_parallel_size=tp[role])
-            port = metrics_port(config.metrics_port, 1 + index)
+            port = service_metrics_port(config.metrics_port, 1 + index)
             self.workers.append(await start_worker(role, engine, self.store, address, port))
         self.gateway, self.core = await start_gateway(
             config.engine,
@@ -214,7 +228,7 @@ class Mesh:
             [w.address for w in self.workers if w.role == "prefill"],
             [w.address for w in self.workers if w.role == "decode"],
             [w.address for w in self.workers if w.role == "colocated"],
-            metrics_port(config.metrics_port, 0),
+            service_metrics_port(config.metrics_port, 0),
         )
 
     @property

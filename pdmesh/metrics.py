@@ -11,7 +11,6 @@ Names follow vLLM's where one exists (``time_to_first_token_seconds``...), prefi
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,9 +29,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Default first metrics port of ``pdmesh up`` / ``pdmesh serve`` (vLLM serves /metrics on
-#: 8000); workers of ``pdmesh up`` take the ports after it, as their gRPC ports do.
-DEFAULT_METRICS_PORT = 8000
 #: Latency buckets (seconds) from 1 ms to 10 min: CPU runs are slow, GPU runs fast.
 LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -191,26 +187,6 @@ def store_path(store: KVStore) -> str:
     """The ``path`` label of a store's traffic: its implementation (embedded, redis, ...)."""
     name = type(store).__name__
     return name.removesuffix("KVStore").lower() or name
-
-
-def resolve_metrics_port(flag: int | None, grpc_port: int) -> int | None:
-    """The ``--metrics-port`` a service runs with: the flag (or ``PDMESH_METRICS_PORT``) when
-    given, -1 meaning off; otherwise 8000, or free ports when the gRPC port is 0 too."""
-    if flag is None:
-        flag = int(os.environ.get("PDMESH_METRICS_PORT", "-2"))
-        if flag == -2:
-            return 0 if grpc_port == 0 else DEFAULT_METRICS_PORT
-    if flag < -1 or flag > 65535:
-        raise ValueError(f"bad metrics port {flag} (-1 turns metrics off)")
-    return None if flag == -1 else flag
-
-
-def metrics_port(first: int | None, index: int) -> int | None:
-    """Service ``index``'s metrics port (0 the gateway, then workers) when the first service
-    serves on ``first``: None stays off, 0 stays 0 (a free port each), N gives N + index."""
-    if first is None or first == 0:
-        return first
-    return first + index
 
 
 @dataclass(frozen=True)
@@ -377,12 +353,3 @@ class GatewayMetrics(ServiceMetrics):
             self.e2e.observe(timings.total_ms / 1e3)
         if num_tokens > 1:
             self.tpot.observe(timings.mean_time_per_output_token_ms / 1e3)
-
-
-def finish_status(reason: int, default: str) -> str:
-    """The ``pdmesh_requests`` status of a FinishReason value; ``default`` while unfinished."""
-    from pdmesh.v1 import generation_pb2 as gen_pb
-
-    if reason == gen_pb.FINISH_REASON_UNSPECIFIED:
-        return default
-    return gen_pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()  # type: ignore[arg-type]

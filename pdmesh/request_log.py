@@ -17,11 +17,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from pdmesh.metrics import ServiceMetrics
+from pdmesh.v1 import generation_pb2 as gen_pb
+
+if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
+    from pdmesh.metrics import ServiceMetrics
 
 HEADER = "x-request-id"
 LOG_FORMATS = ("text", "json")
@@ -230,3 +233,10 @@ class RequestIdUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     return [RequestIdUnaryUnary(), RequestIdUnaryStream()]
+
+
+def finish_status(reason: int, default: str) -> str:
+    """The ``pdmesh_requests`` status of a FinishReason value; ``default`` while unfinished."""
+    if reason == gen_pb.FINISH_REASON_UNSPECIFIED:
+        return default
+    return gen_pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()  # type: ignore[arg-type]

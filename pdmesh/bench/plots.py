@@ -9,6 +9,15 @@ from typing import Any
 METRICS = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "end-to-end latency"))
 
 
+def available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install 'pdmesh[bench]')")
+        return False
+    return True
+
+
 def _pyplot() -> Any:
     import matplotlib
 

@@ -199,11 +199,13 @@ def main(args: argparse.Namespace) -> int:
         requests = make_workload(spec, info.vocab_size, info.max_model_len)
         runs = run_points(target, requests, args)
     stem, folder = output_stem(args, "serve"), plot_dir(args)
-    files = [plots.latency_cdfs(runs, f"{folder}/{stem}_latency_cdf.png", f"pdmesh {info.model}")]
-    if args.request_rate and not args.concurrency and len(runs) > 1:
-        files.append(
-            plots.slo_vs_rate({args.mesh: runs}, f"{folder}/{stem}_slo.png", slo_title(args))
-        )
+    files = []
+    if plots.available():
+        title = f"pdmesh {info.model}"
+        files.append(plots.latency_cdfs(runs, f"{folder}/{stem}_latency_cdf.png", title))
+        if args.request_rate and len(runs) > 1:
+            path = f"{folder}/{stem}_slo.png"
+            files.append(plots.slo_vs_rate({args.mesh: runs}, path, slo_title(args)))
     write_json(
         args.out,
         {

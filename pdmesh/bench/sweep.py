@@ -83,9 +83,11 @@ def main(args: argparse.Namespace) -> int:
         layouts[name] = dataclasses.asdict(config)
     stem, folder = output_stem(args, "sweep"), plot_dir(args)
     title = f"{model}, {args.workers} workers: colocated vs disaggregated ({slo_title(args)})"
-    files = [plots.slo_vs_rate(series, f"{folder}/{stem}_slo.png", title)]
-    runs = [run for runs in series.values() for run in runs]
-    files.append(plots.latency_cdfs(runs, f"{folder}/{stem}_latency_cdf.png", title))
+    files = []
+    if plots.available():
+        files.append(plots.slo_vs_rate(series, f"{folder}/{stem}_slo.png", title))
+        runs = [run for runs in series.values() for run in runs]
+        files.append(plots.latency_cdfs(runs, f"{folder}/{stem}_latency_cdf.png", title))
     write_json(
         args.out,
         {

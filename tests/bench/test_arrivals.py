@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 
@@ -11,7 +12,7 @@ from pdmesh.bench.arrivals import arrival_offsets
 
 
 def gaps(offsets: list[float]) -> list[float]:
-    return [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(offsets)]
 
 
 @pytest.mark.parametrize("burstiness", [0.25, 1.0, 4.0])

@@ -77,9 +77,9 @@ def test_bad_workloads_are_refused_clearly(tmp_path: Path) -> None:
         WorkloadSpec("jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\nnot json\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: not JSON"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not JSON"):
         make_workload(WorkloadSpec("jsonl", path=str(bad)), VOCAB, 8192)
     both = tmp_path / "both.jsonl"
     both.write_text('{"prompt": "a", "prompt_token_ids": [1]}\n')
-    with pytest.raises(ValueError, match="both.jsonl:1: .*exactly one"):
+    with pytest.raises(ValueError, match=r"both\.jsonl:1: .*exactly one"):
         make_workload(WorkloadSpec("jsonl", path=str(both)), VOCAB, 8192)

@@ -7,10 +7,12 @@ import json
 import logging
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.cli import main
 from engine.config import EngineConfig
 from pdmesh.mesh import MeshConfig
 from pdmesh.request_log import JsonFormatter, RequestIdFilter
@@ -151,3 +153,31 @@ def test_client_request_id_is_followed_across_services(mesh: MeshThread) -> None
     line = json.loads(JsonFormatter().format(traced[0]))
     assert line["request_id"] == "trace-42" and line["level"] == "INFO"
     assert line["service"] in ("gateway", "prefill", "decode")
+
+
+def test_bench_serve_measures_the_mesh_and_the_gateway_agrees(
+    mesh: MeshThread, tmp_path: Path
+) -> None:
+    """``pdmesh bench serve --target`` end to end: JSON, plots, and its request count equals
+    what the gateway's metrics counted meanwhile."""
+    port = mesh.mesh.metrics_ports["gateway"]
+    before = scrape(port)
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--target", mesh.mesh.gateway_address, "--request-rate", "4",
+            "inf", "--num-requests", "3", "--input-len", "8", "--output-len", "3",
+            "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--warmup", "0",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [run["request_rate"] for run in result["runs"]] == [4, None]  # inf is not JSON
+    for run in result["runs"]:
+        assert run["completed"] == 3 and run["failed"] == 0
+        assert run["total_output_tokens"] == 9 and run["total_input_tokens"] == 24
+        assert run["slo_attainment"] == 1.0
+        assert len(run["requests"]) == 3 and run["ttft_ms"]["p50"] > 0
+    assert result["command"].startswith("pdmesh bench serve") and result["host_cores"] >= 1
+    assert {Path(p).name for p in result["plots"]} == {"serve_latency_cdf.png", "serve_slo.png"}
+    assert all(Path(p).stat().st_size > 10_000 for p in result["plots"])
+    after = scrape(port)
+    assert delta(after, before, "pdmesh_requests_total", status="length") == 6
+    assert delta(after, before, "pdmesh_generation_tokens_total") == 18
