@@ -223,4 +223,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 def slo_title(args: argparse.Namespace) -> str:
-    return f"SLO: TTFT <= {args.slo_ttft_ms} ms, TPOT <= {args.slo_tpot_ms} ms"
+    return f"SLO: TTFT <= {args.slo_ttft_ms:g} ms, TPOT <= {args.slo_tpot_ms:g} ms"
