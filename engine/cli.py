@@ -153,6 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # benchmarks record their command
     try:
         return int(args.func(args))
     except (PdmeshError, ValueError, FileNotFoundError) as error:

@@ -146,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
         args.out,
         {
             "benchmark": "batch",
-            **environment(),
+            **environment(getattr(args, "argv", None)),
             "model": engine.source.path.name,
             "dtype": config.dtype,
             "load_format": config.load_format,

@@ -210,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
         args.out,
         {
             "benchmark": "serve",
-            **environment(),
+            **environment(getattr(args, "argv", None)),
             "target": args.target or f"in-process {args.mesh} mesh",
             "mesh": None if args.target else dataclasses.asdict(config),
             "model": info.model,

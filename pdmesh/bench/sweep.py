@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
         args.out,
         {
             "benchmark": "sweep",
-            **environment(),
+            **environment(getattr(args, "argv", None)),
             "model": model,
             "workload": dataclasses.asdict(spec),
             "layouts": layouts,
