@@ -112,10 +112,14 @@ async def start_worker(
 ) -> WorkerHandle:
     """``metrics_port``: serve /metrics there (0: a free port; None: no metrics)."""
     from decode_svc.service import ColocatedServicer, DecodeServicer
-    from pdmesh.metrics import WorkerMetrics  # prometheus_client only where metrics are on
     from prefill_svc.service import PrefillServicer
 
-    metrics = None if metrics_port is None else WorkerMetrics(role, store)
+    metrics = None
+    if metrics_port is not None:  # prometheus_client is imported only where metrics are on
+        from pdmesh.metrics import WorkerMetrics
+
+        metrics = WorkerMetrics(role, store)
+        metrics.serve(metrics_port, address.rsplit(":", 1)[0])  # a taken port fails at once
     interceptor = ServiceInterceptor(role, metrics)
     server = Server(address, [WORKER_SERVICES[role]], [interceptor])
     await server.start()  # health answers NOT_SERVING while the model loads
@@ -131,7 +135,6 @@ async def start_worker(
     async_engine = AsyncEngine(engine, name=f"{role}-{server.port}", on_lost=on_lost)
     if metrics is not None:
         metrics.watch(async_engine)
-        metrics.serve(metrics_port or 0, address.rsplit(":", 1)[0])
     if role == "prefill":
         worker_grpc.add_PrefillWorkerServicer_to_server(
             PrefillServicer(async_engine), server.server
@@ -158,9 +161,12 @@ async def start_gateway(
 ) -> tuple[Server, GatewayCore]:
     """``metrics_port``: serve /metrics there (0: a free port; None: no metrics); the
     metrics are ``core.metrics``."""
-    from pdmesh.metrics import GatewayMetrics
+    metrics = None
+    if metrics_port is not None:
+        from pdmesh.metrics import GatewayMetrics
 
-    metrics = None if metrics_port is None else GatewayMetrics("gateway", store)
+        metrics = GatewayMetrics("gateway", store)
+        metrics.serve(metrics_port, address.rsplit(":", 1)[0])
     server = Server(address, [GATEWAY_SERVICE], [ServiceInterceptor("gateway", metrics, True)])
     await server.start()
     if metrics is not None:
@@ -184,7 +190,6 @@ async def start_gateway(
     if metrics is not None:
         core.metrics = metrics
         metrics.watch(lambda: len(core.running), store)
-        metrics.serve(metrics_port or 0, address.rsplit(":", 1)[0])
     gen_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
     await server.set_serving()
     logger.info("gateway serving on port %d", server.port)
