@@ -178,6 +178,14 @@ def test_bench_serve_measures_the_mesh_and_the_gateway_agrees(
     assert result["command"].startswith("pdmesh bench serve") and result["host_cores"] >= 1
     assert {Path(p).name for p in result["plots"]} == {"serve_latency_cdf.png", "serve_slo.png"}
     assert all(Path(p).stat().st_size > 10_000 for p in result["plots"])
+    closed = tmp_path / "closed.json"
+    argv = ["bench", "serve", "--target", mesh.mesh.gateway_address, "--concurrency", "2",
+            "--num-requests", "3", "--workload", "code", "--length-scale", "0.05", "--seed", "3",
+            "--warmup", "0", "--no-progress", "--out", str(closed)]  # fmt: skip
+    assert main(argv) == 0
+    (run,) = json.loads(closed.read_text())["runs"]
+    assert run["concurrency"] == 2 and run["completed"] == 3
+    closed_tokens = run["total_output_tokens"]
     after = scrape(port)
-    assert delta(after, before, "pdmesh_requests_total", status="length") == 6
-    assert delta(after, before, "pdmesh_generation_tokens_total") == 18
+    assert delta(after, before, "pdmesh_requests_total", status="length") == 9
+    assert delta(after, before, "pdmesh_generation_tokens_total") == 18 + closed_tokens
