@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode-addr", action="append", default=[], help="gateway: worker")
     serve.add_argument("--colocated-addr", action="append", default=[], help="gateway: worker")
     serve.set_defaults(func=cmd_serve)
+
+    from pdmesh.bench.cli import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
@@ -130,6 +134,19 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
         "up: bare 'redis' or 'redis+shm' starts a private redis-server",
     )
     parser.add_argument("--store-capacity-blocks", type=int, default=8192)
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="first Prometheus /metrics HTTP port (up: workers take the next ones); "
+        "default $PDMESH_METRICS_PORT or 8000 (free ports when --port is 0); 0 = free "
+        "ports, -1 = off",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=env("PDMESH_LOG_FORMAT", "text"),
+        help="json: one JSON object per line, with the request id",
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -146,6 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # benchmarks record their command
     try:
         return int(args.func(args))
     except (PdmeshError, ValueError, FileNotFoundError) as error:

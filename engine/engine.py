@@ -6,6 +6,7 @@ step():  schedule  ->  run the model  ->  append tokens, retire finished request
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,8 @@ class Engine:
         self.requests: dict[str, Sequence] = {}
         #: Async scheduling: the previous step's tokens, still on the device.
         self._in_flight: DeviceTokens | None = None
+        #: Called on the engine thread with each step's chunks after the model ran (metrics).
+        self.step_observers: list[Callable[[list[ScheduledChunk]], None]] = []
         self.generator = torch.Generator(device=config.device).manual_seed(config.seed)
 
     def shutdown(self) -> None:
@@ -214,6 +217,8 @@ class Engine:
         if not chunks:
             return self._take_in_flight()
         logits = self.runner.launch(chunks, self._in_flight)
+        for observe in self.step_observers:
+            observe(chunks)
         outputs = self._take_in_flight()  # overlaps the device's work on this step
         for chunk in chunks:
             self._advance(chunk)

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from kvstore.block_hash import BlockHash
+from pdmesh.request_log import client_interceptors
 from pdmesh.rpc import WorkerUnavailableError
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
@@ -84,7 +85,8 @@ OpenChannel = Callable[[str, list[tuple[str, Any]]], grpc.aio.Channel]
 
 
 def plaintext_channel(address: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=options)
+    # Calls carry the request id on.
+    return grpc.aio.insecure_channel(address, options=options, interceptors=client_interceptors())
 
 
 def connect(address: str, role: str, open_channel: OpenChannel = plaintext_channel) -> Worker:

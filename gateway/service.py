@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -22,9 +22,13 @@ from gateway.validation import ValidRequest, prompt_ids_of, validate
 from kvstore.base import KVStore
 from kvstore.block_hash import hash_full_blocks
 from pdmesh.convert import sampling_to_pb
+from pdmesh.request_log import finish_status
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2 as worker_pb
+
+if TYPE_CHECKING:
+    from pdmesh.metrics import GatewayMetrics
 
 UNSPECIFIED = gen_pb.FINISH_REASON_UNSPECIFIED
 
@@ -99,6 +103,8 @@ class GatewayCore:
         #: The workers' block-hash namespace, so the gateway names prompt blocks as they do.
         self.namespace = namespace
         self.running: dict[str, Running] = {}
+        #: Prometheus metrics of this gateway, when they are served (pdmesh.metrics).
+        self.metrics: GatewayMetrics | None = None
 
     async def generate(
         self, message: gen_pb.GenerateRequest
@@ -114,11 +120,18 @@ class GatewayCore:
         )
         state = Running(request, text)
         self.running[request.request_id] = state
+        status = "error"
         try:
             async for response in self._run(state):
+                status = finish_status(response.finish_reason, status)
                 yield response
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "abort"  # the client went away
+            raise
         finally:
             del self.running[request.request_id]
+            if self.metrics is not None:
+                self.metrics.request_finished(status, state)
             # Whatever happened, no pin of this request outlives it in the store.
             await asyncio.to_thread(self.store.release, request.request_id)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from pdmesh.request_log import client_interceptors
 from pdmesh.rpc import UnauthenticatedError
 from pdmesh.security import AUTHORIZATION, SecurityConfig
 
@@ -162,6 +163,7 @@ def worker_channel(
     interceptors: list[grpc.aio.ClientInterceptor] = [
         _AttachToUnary(secret),
         _AttachToStream(secret),
+        *client_interceptors(),  # and the request id
     ]
     credentials = security.mesh_channel_credentials()
     if credentials is None:

@@ -5,18 +5,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from kvstore.factory import open_store
 from pdmesh.mesh import Mesh, MeshConfig, start_gateway, start_worker
+from pdmesh.request_log import configure_logging
 from pdmesh.security import SecurityConfig
+
+if TYPE_CHECKING:
+    from pdmesh.metrics import ServiceMetrics
+
+#: Default first metrics port of ``pdmesh up`` / ``pdmesh serve`` (vLLM serves /metrics on
+#: 8000); workers of ``pdmesh up`` take the ports after it, as their gRPC ports do.
+DEFAULT_METRICS_PORT = 8000
+
+
+def resolve_metrics_port(flag: int | None, grpc_port: int) -> int | None:
+    """The ``--metrics-port`` a service runs with: the flag (or ``PDMESH_METRICS_PORT``) when
+    given, -1 meaning off; otherwise 8000, or free ports when the gRPC port is 0 too."""
+    if flag is None:
+        flag = int(os.environ.get("PDMESH_METRICS_PORT", "-2"))
+        if flag == -2:
+            return 0 if grpc_port == 0 else DEFAULT_METRICS_PORT
+    if flag < -1 or flag > 65535:
+        raise ValueError(f"bad metrics port {flag} (-1 turns metrics off)")
+    return None if flag == -1 else flag
 
 
 def _event_loop_policy() -> None:
@@ -114,6 +135,7 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
         prefill_tp=args.prefill_tp,
         decode_tp=args.decode_tp,
         security=security,
+        metrics_port=resolve_metrics_port(args.metrics_port, args.port),
     )
 
     async def main() -> None:
@@ -127,13 +149,15 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
         )
         for worker in mesh.workers:
             print(f"pdmesh: {worker.role} worker on {worker.address}", flush=True)
+        for name, port in mesh.metrics_ports.items():
+            print(f"pdmesh: {name} metrics on http://{config.host}:{port}/metrics", flush=True)
         print(
             f"pdmesh: gateway listening on {mesh.gateway_address} (store: {config.store})",
             flush=True,
         )
         await _until_signal(mesh.stop)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(args.log_format)
     _event_loop_policy()
     asyncio.run(main())
     return 0
@@ -146,6 +170,7 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig, security: Security
             f"pdmesh serve {args.role} needs the mesh secret shared by the gateway and its "
             "workers: set PDMESH_MESH_SECRET or PDMESH_MESH_SECRET_FILE (or --mesh-secret-file)"
         )
+    metrics_port = resolve_metrics_port(args.metrics_port, args.port)
 
     async def main() -> None:
         store = open_store(args.store, args.store_capacity_blocks)
@@ -162,13 +187,16 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig, security: Security
                 args.decode_addr,
                 args.colocated_addr,
                 security=security,
+                metrics_port=metrics_port,
             )
+            metrics: ServiceMetrics | None = core.metrics
 
             async def stop() -> None:
                 await server.stop()
                 await core.router.close()
         else:
-            worker = await start_worker(args.role, engine, store, address, security)
+            worker = await start_worker(args.role, engine, store, address, security, metrics_port)
+            metrics = worker.metrics
 
             async def stop() -> None:
                 await worker.server.stop()
@@ -177,11 +205,15 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig, security: Security
         is_gateway = args.role == "gateway"
         described = describe_gateway(security) if is_gateway else describe_workers(security, False)
         print(f"pdmesh: {args.role}: {described}", flush=True)
+        if metrics is not None:
+            print(f"pdmesh: metrics on http://{args.host}:{metrics.port}/metrics", flush=True)
         print(f"pdmesh: {args.role} listening on {address}", flush=True)
         await _until_signal(stop)
+        if metrics is not None:
+            metrics.stop()
         store.close()
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(args.log_format)
     _event_loop_policy()
     asyncio.run(main())
     return 0

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
@@ -23,10 +24,14 @@ from gateway.service import GatewayCore, GenerationServicer
 from kvstore.base import KVStore
 from kvstore.factory import open_store
 from pdmesh.auth import gateway_interceptors, worker_channel, worker_interceptors
+from pdmesh.request_log import ServiceInterceptor
 from pdmesh.rpc import Server
 from pdmesh.security import SecurityConfig
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
+
+if TYPE_CHECKING:
+    from pdmesh.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,9 @@ class MeshConfig:
     decode_tp: int = 1
     #: API keys, mesh secret, TLS. Without a mesh secret, the Mesh generates one.
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    #: First /metrics HTTP port (the gateway's; workers take the next ones); 0 picks free
+    #: ports; None serves no metrics.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or (self.num_decode < 1 and not self.colocated):
@@ -77,9 +85,19 @@ class MeshConfig:
             )
         if not 0 <= self.gateway_port < 65536:
             raise ValueError(f"bad port {self.gateway_port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"bad metrics port {self.metrics_port}")
 
     def worker_port(self, index: int) -> int:
         return 0 if self.gateway_port == 0 else self.gateway_port + 1 + index
+
+
+def service_metrics_port(first: int | None, index: int) -> int | None:
+    """Service ``index``'s metrics port (0 the gateway, then workers) when the first service
+    serves on ``first``: None stays off, 0 stays 0 (a free port each), N gives N + index."""
+    if first is None or first == 0:
+        return first
+    return first + index
 
 
 @dataclass
@@ -89,6 +107,7 @@ class WorkerHandle:
     engine: AsyncEngine
     #: The host a local client dials (its listen host, or loopback for a wildcard).
     host: str = "127.0.0.1"
+    metrics: WorkerMetrics | None = None
 
     @property
     def address(self) -> str:
@@ -96,19 +115,34 @@ class WorkerHandle:
 
 
 async def start_worker(
-    role: str, config: EngineConfig, store: KVStore, address: str, security: SecurityConfig
+    role: str,
+    config: EngineConfig,
+    store: KVStore,
+    address: str,
+    security: SecurityConfig,
+    metrics_port: int | None = None,
 ) -> WorkerHandle:
-    """A worker that admits only callers holding ``security.mesh_secret`` (required)."""
+    """A worker that admits only callers holding ``security.mesh_secret`` (required).
+    ``metrics_port``: serve /metrics there (0: a free port; None: no metrics)."""
     from decode_svc.service import ColocatedServicer, DecodeServicer
     from prefill_svc.service import PrefillServicer
 
+    metrics = None
+    if metrics_port is not None:  # prometheus_client is imported only where metrics are on
+        from pdmesh.metrics import WorkerMetrics
+
+        metrics = WorkerMetrics(role, store)
+        metrics.serve(metrics_port, address.rsplit(":", 1)[0])  # a taken port fails at once
     server = Server(
         address,
         [WORKER_SERVICES[role]],
         worker_interceptors(security),
         security.mesh_server_credentials(),
+        outer_interceptors=[ServiceInterceptor(role, metrics)],
     )
     await server.start()  # health answers NOT_SERVING while the model loads
+    if metrics is not None:
+        store = metrics.metered(store)
     kv_store = None if role == "colocated" else store
     engine = await asyncio.to_thread(Engine, config, kv_store, role == "prefill")
     loop = asyncio.get_running_loop()
@@ -117,6 +151,8 @@ async def start_worker(
         asyncio.run_coroutine_threadsafe(server.set_not_serving(), loop)
 
     async_engine = AsyncEngine(engine, name=f"{role}-{server.port}", on_lost=on_lost)
+    if metrics is not None:
+        metrics.watch(async_engine)
     if role == "prefill":
         worker_grpc.add_PrefillWorkerServicer_to_server(
             PrefillServicer(async_engine), server.server
@@ -131,7 +167,7 @@ async def start_worker(
     logger.info("%s worker serving on port %d", role, server.port)
     host = address.rsplit(":", 1)[0]
     wildcard = host in ("", "0.0.0.0", "::", "[::]")
-    return WorkerHandle(role, server, async_engine, "127.0.0.1" if wildcard else host)
+    return WorkerHandle(role, server, async_engine, "127.0.0.1" if wildcard else host, metrics)
 
 
 async def start_gateway(
@@ -143,15 +179,27 @@ async def start_gateway(
     colocated: list[str] | None = None,
     *,
     security: SecurityConfig,
+    metrics_port: int | None = None,
 ) -> tuple[Server, GatewayCore]:
-    """The gateway: API keys (if any) on its port, the mesh secret on its calls to workers."""
+    """The gateway: API keys (if any) on its port, the mesh secret on its calls to workers.
+    ``metrics_port``: serve /metrics there (0: a free port; None: no metrics); the metrics
+    are ``core.metrics``."""
+    metrics = None
+    if metrics_port is not None:
+        from pdmesh.metrics import GatewayMetrics
+
+        metrics = GatewayMetrics("gateway", store)
+        metrics.serve(metrics_port, address.rsplit(":", 1)[0])
     server = Server(
         address,
         [GATEWAY_SERVICE],
         gateway_interceptors(security),
         security.public_server_credentials(),
+        outer_interceptors=[ServiceInterceptor("gateway", metrics, True)],
     )
     await server.start()
+    if metrics is not None:
+        store = metrics.metered(store)
     source = resolve_model(config.model)
     model_config = load_model_config(source)
     tokenizer = await asyncio.to_thread(load_tokenizer, source)
@@ -173,6 +221,9 @@ async def start_gateway(
         config.cache.block_size,
         cache_namespace(source, model_config, config),
     )
+    if metrics is not None:
+        core.metrics = metrics
+        metrics.watch(lambda: len(core.running), store)
     gen_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
     await server.set_serving()
     logger.info("gateway serving on port %d", server.port)
@@ -208,7 +259,8 @@ class Mesh:
         for index, role in enumerate(roles):
             address = f"{config.worker_host}:{config.worker_port(index)}"
             engine = dataclasses.replace(config.engine, tensor_parallel_size=tp[role])
-            worker = await start_worker(role, engine, self.store, address, self.security)
+            port = service_metrics_port(config.metrics_port, 1 + index)
+            worker = await start_worker(role, engine, self.store, address, self.security, port)
             self.workers.append(worker)
         self.gateway, self.core = await start_gateway(
             config.engine,
@@ -218,14 +270,32 @@ class Mesh:
             [w.address for w in self.workers if w.role == "decode"],
             [w.address for w in self.workers if w.role == "colocated"],
             security=self.security,
+            metrics_port=service_metrics_port(config.metrics_port, 0),
         )
+
+    @property
+    def metrics_ports(self) -> dict[str, int]:
+        """Service name (gateway, prefill-0, decode-0, ...) -> its /metrics port."""
+        ports: dict[str, int] = {}
+        if self.core is not None and self.core.metrics and self.core.metrics.port:
+            ports["gateway"] = self.core.metrics.port
+        counts: dict[str, int] = {}
+        for worker in self.workers:
+            index = counts[worker.role] = counts.get(worker.role, -1) + 1
+            if worker.metrics is not None and worker.metrics.port:
+                ports[f"{worker.role}-{index}"] = worker.metrics.port
+        return ports
 
     async def stop(self) -> None:
         if self.gateway is not None:
             await self.gateway.stop()
         if self.core is not None:
             await self.core.router.close()
+            if self.core.metrics is not None:
+                self.core.metrics.stop()
         for worker in self.workers:
             await worker.server.stop()
             worker.engine.stop()
+            if worker.metrics is not None:
+                worker.metrics.stop()
         self.store.close()

@@ -121,9 +121,12 @@ class Server:
         service_names: list[str],
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         credentials: grpc.ServerCredentials | None = None,
+        outer_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
+        """``interceptors`` run inside the error mapping (their domain errors become status
+        codes); ``outer_interceptors`` run outside it (they see the final status: metrics)."""
         self.server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(), *interceptors],
+            interceptors=[*outer_interceptors, ErrorMappingInterceptor(), *interceptors],
             options=[
                 ("grpc.max_receive_message_length", 256 << 20),
                 ("grpc.max_send_message_length", 256 << 20),

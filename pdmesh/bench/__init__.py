@@ -1,0 +1,1 @@
+"""``pdmesh bench``: serving benchmarks (load generation, latency statistics, goodput, plots)."""

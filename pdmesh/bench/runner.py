@@ -1,0 +1,139 @@
+"""Drives a gateway over gRPC: open loop (requests sent at their arrival times, whatever is
+still running) or closed loop (a fixed number of requests in flight), timing every token."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from pdmesh.bench.stats import RequestResult
+from pdmesh.bench.workload import BenchRequest
+from pdmesh.v1 import generation_pb2 as gen_pb
+from pdmesh.v1 import generation_pb2_grpc as gen_grpc
+
+
+@dataclass(frozen=True)
+class LoadShape:
+    """Exactly one of: send times (open loop) or a concurrency (closed loop)."""
+
+    arrival_offsets: tuple[float, ...] | None = None
+    concurrency: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.arrival_offsets is None) == (self.concurrency is None):
+            raise ValueError("give either arrival times or a concurrency")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+
+
+def to_message(request: BenchRequest, temperature: float) -> gen_pb.GenerateRequest:
+    # ignore_eos: every request generates exactly the workload's output length.
+    message = gen_pb.GenerateRequest(
+        max_tokens=request.max_tokens, temperature=temperature, ignore_eos=True
+    )
+    if request.prompt_token_ids:
+        message.prompt_token_ids.extend(request.prompt_token_ids)
+    else:
+        message.prompt = request.prompt
+    return message
+
+
+async def send_one(
+    stub: Any, request: BenchRequest, temperature: float, timeout_s: float
+) -> RequestResult:
+    result = RequestResult(prompt_len=request.prompt_len)
+    start = last = time.perf_counter()
+    try:
+        async for piece in stub.Generate(to_message(request, temperature), timeout=timeout_s):
+            if piece.token_ids:
+                now = time.perf_counter()
+                if result.output_len == 0:
+                    result.ttft_s = now - start
+                else:
+                    result.itls_s.append(now - last)
+                last = now
+                result.output_len += len(piece.token_ids)
+            if piece.HasField("usage"):
+                result.prompt_len = piece.usage.prompt_tokens
+        result.e2e_s = last - start
+        result.success = result.output_len > 0
+        result.error = "" if result.success else "no tokens"
+    except grpc.aio.AioRpcError as error:
+        result.error = f"{error.code().name}: {error.details()}"
+    return result
+
+
+class Progress:
+    """A tqdm bar on stderr when it is a terminal (or forced); silent otherwise."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None) -> None:
+        enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="req", file=sys.stderr)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+async def run_load(
+    target: str,
+    requests: Sequence[BenchRequest],
+    shape: LoadShape,
+    temperature: float = 0.0,
+    timeout_s: float = 600.0,
+    label: str = "bench",
+    progress: bool | None = None,
+) -> tuple[list[RequestResult], float]:
+    """Every request's result (in workload order) and the run's wall time in seconds."""
+    bar = Progress(len(requests), label, progress)
+    results: list[RequestResult | None] = [None] * len(requests)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = gen_grpc.GenerationStub(channel)
+
+        async def one(index: int) -> None:
+            results[index] = await send_one(stub, requests[index], temperature, timeout_s)
+            bar.advance()
+
+        start = time.perf_counter()
+        if shape.arrival_offsets is not None:
+            await _open_loop(one, shape.arrival_offsets, start)
+        else:
+            assert shape.concurrency is not None
+            await _closed_loop(one, len(requests), shape.concurrency)
+        duration = time.perf_counter() - start
+    bar.close()
+    return [r for r in results if r is not None], duration
+
+
+async def _open_loop(one: Any, offsets: Sequence[float], start: float) -> None:
+    tasks = []
+    for index, offset in enumerate(offsets):
+        delay = start + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(index)))
+    await asyncio.gather(*tasks)
+
+
+async def _closed_loop(one: Any, num_requests: int, concurrency: int) -> None:
+    pending = iter(range(num_requests))
+
+    async def client() -> None:
+        for index in pending:  # the shared iterator hands each request to one client
+            await one(index)
+
+    await asyncio.gather(*(client() for _ in range(min(concurrency, num_requests))))
