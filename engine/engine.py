@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,6 +43,23 @@ class StepOutput:
     num_cached_tokens: int
     #: Prefill role, on the request's end: store names of the prompt's blocks.
     kv_hashes: list[BlockHash] | None = None
+
+
+def merge_outputs(outputs: list[StepOutput]) -> list[StepOutput]:
+    """One output per request: a request reported twice in a step gets its tokens joined."""
+    merged: dict[str, StepOutput] = {}
+    for out in outputs:
+        first = merged.get(out.request_id)
+        merged[out.request_id] = (
+            out
+            if first is None
+            else replace(
+                out,
+                new_token_ids=first.new_token_ids + out.new_token_ids,
+                new_logprobs=first.new_logprobs + out.new_logprobs,
+            )
+        )
+    return list(merged.values())
 
 
 def cache_namespace(source: ModelSource, config: ModelConfig, engine: EngineConfig) -> bytes:
@@ -115,7 +132,7 @@ class Engine:
     def shutdown(self) -> None:
         """Stops tensor-parallel followers; the engine is unusable afterwards."""
         if self.leader is not None:
-            self.runner.release_graphs()
+            self.runner.release_graphs(wait=self.leader.followers_alive)
             self.leader.shutdown()
             self.leader = None
 
@@ -134,6 +151,7 @@ class Engine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._validate(prompt_token_ids, params)
+        self._validate_tokens("output_token_ids", output_token_ids or [])
         if kv_import is not None:
             self._validate_import(prompt_token_ids, kv_import)
         elif self.publish_kv:
@@ -154,10 +172,7 @@ class Engine:
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+        self._validate_tokens("prompt token ids", prompt_token_ids)
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
@@ -169,6 +184,12 @@ class Engine:
             raise InvalidRequestError(
                 f"request needs {needed} KV blocks but the cache holds {self.runner.num_blocks}"
             )
+
+    def _validate_tokens(self, what: str, token_ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"{what} out of range [0, {vocab}): {bad[:5]}")
 
     def _validate_import(self, prompt_token_ids: list[int], kv_import: list[BlockHash]) -> None:
         if self.kv is None:
@@ -220,6 +241,7 @@ class Engine:
         for observe in self.step_observers:
             observe(chunks)
         outputs = self._take_in_flight()  # overlaps the device's work on this step
+        flight_reported = bool(outputs)
         for chunk in chunks:
             self._advance(chunk)
         if logits is None:
@@ -236,7 +258,8 @@ class Engine:
             if not seq.is_finished:
                 seq.append_token(token_id, logprob)
                 outputs.append(self._emit(seq, token_id, logprob))
-        return outputs
+        # A request whose previous token was still on the device reports two tokens now.
+        return merge_outputs(outputs) if flight_reported else outputs
 
     def _import_blocks(self, scheduled: SchedulerOutput) -> list[ScheduledChunk]:
         """Fills imported blocks from the store; returns the chunks that can run."""

@@ -127,11 +127,12 @@ class ModelRunner:
                 self.device,
             )
 
-    def release_graphs(self) -> None:
+    def release_graphs(self, wait: bool = True) -> None:
         """Destroys the captured graphs; they hold NCCL work that must go before the
-        communicator does (tearing down the group first hung)."""
+        communicator does (tearing down the group first hung). ``wait=False`` when a rank
+        died: a replayed all-reduce waiting for it would never finish."""
         self.graphs = None
-        if self.device.type == "cuda":
+        if wait and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def _bytes_per_stored_block(self) -> int:

@@ -79,7 +79,8 @@ class PinnedStaging:
 
     def _mark_copied(self) -> None:
         if self._copied is not None:
-            self._copied.record()
+            # On the engine device's stream, which need not be the current device's.
+            self._copied.record(torch.cuda.current_stream(self.device))
 
 
 def cuda_ipc_available() -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from engine.config import CacheConfig, EngineConfig
+from engine.errors import InvalidRequestError
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -103,3 +104,24 @@ def test_preemption_and_abort_match_sync_and_free_everything(smol_llm_no_cache: 
         if index != 3:
             assert done[request_id].token_ids == expected[index].token_ids
     assert ids[3] not in done
+
+
+def test_a_request_reported_twice_in_one_step_gets_one_output(async_llm: LLM) -> None:
+    """A deferred token read back in a step that must sample on the host (a sampling request
+    joined) comes out with that step's own token in one output, not two."""
+    engine = async_llm.engine
+    greedy = engine.add_request(chats(async_llm)[0], SamplingParams(max_tokens=8, temperature=0))
+    for _ in range(3):
+        engine.step()
+    assert engine.requests[greedy].has_pending_token
+    engine.add_request(chats(async_llm)[1], SamplingParams(max_tokens=4, temperature=0.7, seed=1))
+    mine = [out for out in engine.step() if out.request_id == greedy]
+    assert len(mine) == 1 and len(mine[0].new_token_ids) == 2
+    while engine.has_unfinished:
+        engine.step()
+    assert engine.num_free_blocks == engine.runner.num_blocks
+
+
+def test_out_of_range_first_token_is_refused(async_llm: LLM) -> None:
+    with pytest.raises(InvalidRequestError, match="output_token_ids out of range"):
+        async_llm.engine.add_request([1, 2, 3], SamplingParams(max_tokens=4), output_token_ids=[-1])
