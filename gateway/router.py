@@ -81,6 +81,10 @@ def connect(address: str, role: str) -> Worker:
         options=[
             ("grpc.max_receive_message_length", 256 << 20),
             ("grpc.max_send_message_length", 256 << 20),
+            # A restarted worker is found within a few seconds, not after minutes of
+            # exponential back-off: the Load poll then puts it back in rotation.
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ],
     )
     return Worker(address, role, channel, STUBS[role](channel))

@@ -34,3 +34,11 @@ class StoreFullError(KVStoreError):
             f"{num_free_blocks} are free and {num_evictable_blocks} evictable of "
             f"{capacity_blocks}; every other block is pinned by a live request"
         )
+
+
+class StoreUnavailableError(KVStoreError):
+    """The store's server cannot be reached (connection refused, lost or timed out).
+
+    Requests that need the store fail with UNAVAILABLE; the handle reconnects by itself
+    once the server answers again.
+    """

@@ -21,13 +21,14 @@ any missing block.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -35,7 +36,23 @@ from kvstore import redis_scripts
 from kvstore.base import KVStore, StoreStats
 from kvstore.block_hash import BlockHash
 from kvstore.data_planes import DataPlane, DataPlaneKind, make_data_plane
-from kvstore.errors import StoreFullError
+from kvstore.errors import StoreFullError, StoreUnavailableError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _reachable(method: F) -> F:
+    """Redis connection failures become ``StoreUnavailableError`` (UNAVAILABLE to a caller);
+    redis-py reconnects on the next call once the server answers again."""
+
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise StoreUnavailableError(f"Redis: {error}") from error
+
+    return wrapped  # type: ignore[return-value]
 
 
 class RedisKVStore(KVStore):
@@ -69,6 +86,7 @@ class RedisKVStore(KVStore):
         self._is_closed = False
         self._register_handle()
 
+    @_reachable
     def put(self, owner: str, blocks: Sequence[tuple[BlockHash, bytes]]) -> None:
         self._check_open()
         if not blocks:
@@ -85,12 +103,14 @@ class RedisKVStore(KVStore):
             self._plane.discard(p for h, p in written.items() if h not in indexed)
         self._plane.discard(evicted)
 
+    @_reachable
     def match_prefix(self, hashes: Sequence[BlockHash]) -> int:
         self._check_open()
         if not hashes:
             return 0
         return int(self._run("match_prefix", self._prefix, *_hexes(hashes)))
 
+    @_reachable
     def get(self, owner: str, hashes: Sequence[BlockHash]) -> list[bytes]:
         """Pins, then reads; if a shared-memory segment turns out to be gone, the pins this
         call took stay with ``owner`` until its ``release``."""
@@ -102,10 +122,12 @@ class RedisKVStore(KVStore):
             raise KeyError(f"block {result.decode()} is not in the store")
         return [self._plane.read(payload) for payload in result]
 
+    @_reachable
     def release(self, owner: str) -> None:
         self._check_open()
         self._run("release", self._prefix, owner)
 
+    @_reachable
     def stats(self) -> StoreStats:
         self._check_open()
         num_blocks, num_pinned_blocks = self._run("stats", self._prefix)

@@ -15,7 +15,9 @@ from collections.abc import Awaitable, Callable
 
 from engine.config import EngineConfig
 from kvstore.factory import open_store
+from pdmesh.limits import ServingLimits
 from pdmesh.mesh import Mesh, MeshConfig, start_gateway, start_worker
+from pdmesh.shutdown import drain_gateway, drain_worker
 
 
 def _event_loop_policy() -> None:
@@ -31,7 +33,7 @@ async def _until_signal(stop: Callable[[], Awaitable[None]]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, done.set)
     await done.wait()
-    print("pdmesh: stopping", flush=True)
+    print("pdmesh: draining, then stopping", flush=True)
     await stop()
 
 
@@ -98,6 +100,7 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
         colocated=args.colocated,
         prefill_tp=args.prefill_tp,
         decode_tp=args.decode_tp,
+        limits=limits_from(args),
     )
 
     async def main() -> None:
@@ -117,8 +120,18 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
     return 0
 
 
+def limits_from(args: argparse.Namespace) -> ServingLimits:
+    return ServingLimits(
+        max_in_flight=args.max_in_flight,
+        max_waiting=args.max_waiting,
+        max_request_bytes=args.max_request_bytes,
+        drain_timeout_s=args.drain_timeout,
+    )
+
+
 def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
     address = f"{args.host}:{args.port}"
+    limits = limits_from(args)
 
     async def main() -> None:
         store = open_store(args.store, args.store_capacity_blocks)
@@ -128,16 +141,24 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
                     "the gateway needs --prefill-addr and --decode-addr, or --colocated-addr"
                 )
             server, core = await start_gateway(
-                engine, store, address, args.prefill_addr, args.decode_addr, args.colocated_addr
+                engine,
+                store,
+                address,
+                args.prefill_addr,
+                args.decode_addr,
+                args.colocated_addr,
+                limits,
             )
 
             async def stop() -> None:
+                await drain_gateway(server, core, limits.drain_timeout_s)
                 await server.stop()
                 await core.router.close()
         else:
-            worker = await start_worker(args.role, engine, store, address)
+            worker = await start_worker(args.role, engine, store, address, limits)
 
             async def stop() -> None:
+                await drain_worker(worker.server, worker.engine, limits.drain_timeout_s)
                 await worker.server.stop()
                 worker.engine.stop()
 

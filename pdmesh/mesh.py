@@ -17,11 +17,14 @@ from engine.config import EngineConfig
 from engine.engine import Engine, cache_namespace
 from engine.model_source import load_model_config, resolve_model
 from engine.tokenizer import load_tokenizer
+from gateway.admission import Admission
 from gateway.router import Router
 from gateway.service import GatewayCore, GenerationServicer
 from kvstore.base import KVStore
 from kvstore.factory import open_store
+from pdmesh.limits import ServingLimits
 from pdmesh.rpc import Server
+from pdmesh.shutdown import drain_gateway
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
 
@@ -54,6 +57,8 @@ class MeshConfig:
     #: Tensor-parallel ranks of each prefill / decode worker.
     prefill_tp: int = 1
     decode_tp: int = 1
+    #: Overload bounds, request size limit and drain timeout.
+    limits: ServingLimits = field(default_factory=ServingLimits)
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or (self.num_decode < 1 and not self.colocated):
@@ -85,7 +90,11 @@ class WorkerHandle:
 
 
 async def start_worker(
-    role: str, config: EngineConfig, store: KVStore, address: str
+    role: str,
+    config: EngineConfig,
+    store: KVStore,
+    address: str,
+    limits: ServingLimits | None = None,
 ) -> WorkerHandle:
     from decode_svc.service import ColocatedServicer, DecodeServicer
     from prefill_svc.service import PrefillServicer
@@ -99,7 +108,12 @@ async def start_worker(
     def on_lost() -> None:  # from the engine thread: health turns NOT_SERVING
         asyncio.run_coroutine_threadsafe(server.set_not_serving(), loop)
 
-    async_engine = AsyncEngine(engine, name=f"{role}-{server.port}", on_lost=on_lost)
+    async_engine = AsyncEngine(
+        engine,
+        name=f"{role}-{server.port}",
+        on_lost=on_lost,
+        max_waiting=(limits or ServingLimits()).max_waiting,
+    )
     if role == "prefill":
         worker_grpc.add_PrefillWorkerServicer_to_server(
             PrefillServicer(async_engine), server.server
@@ -122,8 +136,10 @@ async def start_gateway(
     prefill: list[str],
     decode: list[str],
     colocated: list[str] | None = None,
+    limits: ServingLimits | None = None,
 ) -> tuple[Server, GatewayCore]:
-    server = Server(address, [GATEWAY_SERVICE])
+    limits = limits or ServingLimits()
+    server = Server(address, [GATEWAY_SERVICE], max_request_bytes=limits.max_request_bytes)
     await server.start()
     source = resolve_model(config.model)
     model_config = load_model_config(source)
@@ -140,6 +156,7 @@ async def start_gateway(
         source.path.name,
         config.cache.block_size,
         cache_namespace(source, model_config, config),
+        Admission(limits.max_in_flight),
     )
     gen_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
     await server.set_serving()
@@ -175,7 +192,9 @@ class Mesh:
         for index, role in enumerate(roles):
             address = f"{config.host}:{config.worker_port(index)}"
             engine = dataclasses.replace(config.engine, tensor_parallel_size=tp[role])
-            self.workers.append(await start_worker(role, engine, self.store, address))
+            self.workers.append(
+                await start_worker(role, engine, self.store, address, config.limits)
+            )
         self.gateway, self.core = await start_gateway(
             config.engine,
             self.store,
@@ -183,9 +202,14 @@ class Mesh:
             [w.address for w in self.workers if w.role == "prefill"],
             [w.address for w in self.workers if w.role == "decode"],
             [w.address for w in self.workers if w.role == "colocated"],
+            config.limits,
         )
 
     async def stop(self) -> None:
+        """Drains the gateway (health NOT_SERVING, new requests refused, running ones
+        finish within ``limits.drain_timeout_s``), then stops every service."""
+        if self.gateway is not None and self.core is not None:
+            await drain_gateway(self.gateway, self.core, self.config.limits.drain_timeout_s)
         if self.gateway is not None:
             await self.gateway.stop()
         if self.core is not None:
