@@ -19,9 +19,12 @@ ALLOW_NO_REDIS_ENV = "PDMESH_ALLOW_NO_REDIS"
 _NUM_START_ATTEMPTS = 3
 
 
-def start_redis(timeout_s: float = 10.0) -> tuple[subprocess.Popen[bytes], str]:
-    """Starts redis-server on a free loopback port without persistence and waits until it
-    answers PING. Returns the process and its ``redis://`` URL.
+def start_redis(
+    timeout_s: float = 10.0, port: int | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Starts redis-server on a free loopback port (or ``port``, to bring a stopped server
+    back where its clients look) without persistence and waits until it answers PING.
+    Returns the process and its ``redis://`` URL.
 
     Fails if redis-server is missing, unless PDMESH_ALLOW_NO_REDIS=1, which skips instead.
     """
@@ -31,9 +34,9 @@ def start_redis(timeout_s: float = 10.0) -> tuple[subprocess.Popen[bytes], str]:
     with tempfile.TemporaryFile() as log:
         # A free port can be taken between probing it and redis binding it: try a few.
         for _ in range(_NUM_START_ATTEMPTS):
-            proc, port = _launch(executable, log)
-            if _wait_for_ping(proc, port, timeout_s):
-                return proc, f"redis://127.0.0.1:{port}/0"
+            proc, bound = _launch(executable, log, port)
+            if _wait_for_ping(proc, bound, timeout_s):
+                return proc, f"redis://127.0.0.1:{bound}/0"
             stop_redis(proc)
         log.seek(0)
         output = log.read().decode(errors="replace")
@@ -51,8 +54,10 @@ def stop_redis(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _launch(executable: str, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
+def _launch(
+    executable: str, log: IO[bytes], port: int | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    port = port or _free_port()
     proc = subprocess.Popen(
         [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--loglevel", "warning"],
