@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from engine.config import DTYPES, EngineConfig
 from engine.errors import PdmeshError
 from engine.sampling_params import SamplingParams
-from pdmesh.limits import ServingLimits
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -121,30 +120,26 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
         "up: bare 'redis' or 'redis+shm' starts a private redis-server",
     )
     parser.add_argument("--store-capacity-blocks", type=int, default=8192)
-    limits = ServingLimits()  # defaults from PDMESH_* variables
+    # Overload bounds and drain (pdmesh/limits.py): unset flags fall back to PDMESH_* variables.
     parser.add_argument(
         "--max-in-flight",
         type=int,
-        default=limits.max_in_flight,
-        help="gateway: requests at once; more get RESOURCE_EXHAUSTED (PDMESH_MAX_IN_FLIGHT)",
+        help="gateway: requests at once, more get RESOURCE_EXHAUSTED (1024; PDMESH_MAX_IN_FLIGHT)",
     )
     parser.add_argument(
         "--max-waiting",
         type=int,
-        default=limits.max_waiting,
-        help="worker: queued requests; more get RESOURCE_EXHAUSTED (PDMESH_MAX_WAITING)",
+        help="worker: queued requests, more get RESOURCE_EXHAUSTED (256; PDMESH_MAX_WAITING)",
     )
     parser.add_argument(
         "--max-request-bytes",
         type=int,
-        default=limits.max_request_bytes,
-        help="gateway: largest request message (PDMESH_MAX_REQUEST_BYTES)",
+        help="gateway: largest request message (4 MiB; PDMESH_MAX_REQUEST_BYTES)",
     )
     parser.add_argument(
         "--drain-timeout",
         type=float,
-        default=limits.drain_timeout_s,
-        help="seconds running requests get on SIGTERM (PDMESH_DRAIN_TIMEOUT_S)",
+        help="seconds running requests get on SIGTERM (30; PDMESH_DRAIN_TIMEOUT_S)",
     )
 
 

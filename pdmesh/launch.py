@@ -121,11 +121,13 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
 
 
 def limits_from(args: argparse.Namespace) -> ServingLimits:
-    return ServingLimits(
-        max_in_flight=args.max_in_flight,
-        max_waiting=args.max_waiting,
-        max_request_bytes=args.max_request_bytes,
-        drain_timeout_s=args.drain_timeout,
+    return ServingLimits.build(
+        {
+            "max_in_flight": args.max_in_flight,
+            "max_waiting": args.max_waiting,
+            "max_request_bytes": args.max_request_bytes,
+            "drain_timeout_s": args.drain_timeout,
+        }
     )
 
 

@@ -3,35 +3,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
-def _env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+#: Environment variable of each field (``pdmesh up|serve`` flags override them).
+ENV_NAMES = {
+    "max_in_flight": "PDMESH_MAX_IN_FLIGHT",
+    "max_waiting": "PDMESH_MAX_WAITING",
+    "max_request_bytes": "PDMESH_MAX_REQUEST_BYTES",
+    "drain_timeout_s": "PDMESH_DRAIN_TIMEOUT_S",
+}
 
 
 @dataclass(frozen=True)
 class ServingLimits:
-    """Gateway and worker limits, from ``PDMESH_*`` variables or CLI flags."""
-
     #: Gateway: requests in flight at once; one more gets RESOURCE_EXHAUSTED.
-    max_in_flight: int = field(default_factory=lambda: _env_int("PDMESH_MAX_IN_FLIGHT", 1024))
+    max_in_flight: int = 1024
     #: Worker: requests waiting in its engine's queue (not yet running); one more gets
     #: RESOURCE_EXHAUSTED.
-    max_waiting: int = field(default_factory=lambda: _env_int("PDMESH_MAX_WAITING", 256))
+    max_waiting: int = 256
     #: Gateway: largest request message in bytes (INVALID_ARGUMENT beyond).
-    max_request_bytes: int = field(
-        default_factory=lambda: _env_int("PDMESH_MAX_REQUEST_BYTES", 4 << 20)
-    )
+    max_request_bytes: int = 4 << 20
     #: On SIGTERM: seconds in-flight requests get to finish before the service exits.
-    drain_timeout_s: float = field(
-        default_factory=lambda: _env_float("PDMESH_DRAIN_TIMEOUT_S", 30.0)
-    )
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -44,3 +41,21 @@ class ServingLimits:
             )
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+    @classmethod
+    def build(
+        cls, overrides: Mapping[str, Any], environ: Mapping[str, str] = os.environ
+    ) -> ServingLimits:
+        """Defaults, then ``PDMESH_*`` variables, then ``overrides`` that are not None."""
+        values: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            kind = float if item.name == "drain_timeout_s" else int
+            raw = environ.get(ENV_NAMES[item.name])
+            if raw is not None:
+                try:
+                    values[item.name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"{ENV_NAMES[item.name]}={raw!r} is not a number") from None
+            if overrides.get(item.name) is not None:
+                values[item.name] = overrides[item.name]
+        return cls(**values)

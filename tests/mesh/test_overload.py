@@ -16,6 +16,7 @@ from engine.config import EngineConfig, SchedulerConfig
 from engine.engine import Engine
 from engine.errors import OverloadedError
 from engine.sampling_params import SamplingParams
+from pdmesh.limits import ServingLimits
 from pdmesh.rpc import status_for
 from pdmesh.v1 import generation_pb2 as gen_pb
 from tests.mesh.harness import MeshThread
@@ -110,3 +111,15 @@ def test_worker_refuses_past_max_waiting(one_at_a_time: AsyncEngine) -> None:
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_waiting" in message
     _wait_for(lambda: one_at_a_time.load().num_used_blocks == 0)
     one_at_a_time.stop()
+
+
+def test_limits_come_from_flags_then_environment_then_defaults() -> None:
+    environ = {"PDMESH_MAX_IN_FLIGHT": "7", "PDMESH_DRAIN_TIMEOUT_S": "2.5"}
+    limits = ServingLimits.build({"max_in_flight": None, "max_waiting": 3}, environ)
+    assert limits == ServingLimits(
+        max_in_flight=7, max_waiting=3, max_request_bytes=4 << 20, drain_timeout_s=2.5
+    )
+    with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
+        ServingLimits.build({"max_in_flight": 0}, {})
+    with pytest.raises(ValueError, match="PDMESH_MAX_WAITING='many' is not a number"):
+        ServingLimits.build({}, {"PDMESH_MAX_WAITING": "many"})
