@@ -6,6 +6,7 @@ no KV block or store pin is left."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -13,12 +14,14 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from gateway.router import Worker
 from pdmesh.mesh import MeshConfig
+from pdmesh.shutdown import drain_worker
 from pdmesh.v1 import generation_pb2 as gen_pb
 from tests.mesh.harness import MeshThread, generate
 from tests.redis_server import start_redis, stop_redis
@@ -90,6 +93,34 @@ def _finish(stream: Any, tokens: list[int]) -> grpc.StatusCode:
     except grpc.RpcError as error:
         return error.code()  # type: ignore[no-any-return]
     return grpc.StatusCode.OK
+
+
+def test_draining_worker_finishes_its_streams_and_gets_no_new_ones(
+    chaos: ChaosMesh, references: list[list[int]]
+) -> None:
+    """What SIGTERM does to `pdmesh serve decode`: NOT_SERVING, out of rotation, the running
+    stream completes, then the drain returns."""
+    harness = chaos.harness
+    stream = harness.stub.Generate(_request(2, "drained"), timeout=300)
+    tokens = list(next(stream).token_ids) + list(next(stream).token_ids)
+    victim = next(d for d in chaos.indexes("decode") if chaos.holds(d, "drained"))
+    worker = harness.mesh.workers[victim]
+    drained = asyncio.run_coroutine_threadsafe(
+        drain_worker(worker.server, worker.engine, timeout_s=120), harness.loop
+    )
+    wait_for(lambda: not chaos.router_worker(victim).healthy, "the router drops the worker")
+    with grpc.insecure_channel(worker.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    other = generate(harness.stub, _request(3, "during-drain"))  # served by the other worker
+    assert list(other.token_ids) == references[3]
+    assert _finish(stream, tokens) == grpc.StatusCode.OK and tokens == references[2]
+    drained.result(timeout=120)
+    worker.engine.healthy = True  # back in service for the tests that follow
+    harness.run(worker.server.set_serving())
+    wait_for(lambda: chaos.router_worker(victim).healthy, "the worker rejoins")
+    harness.wait_idle()
+    assert harness.is_idle()
 
 
 def test_killed_decode_worker_fails_only_its_streams_and_rejoins(

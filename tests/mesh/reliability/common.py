@@ -1,17 +1,11 @@
-"""One small mesh shared by the reliability tests (validation, overload, fuzz, soak), so the
-model loads once for all of them; and what those tests share."""
+"""What the reliability tests share: the shared mesh's limits and checks of its state."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import grpc
-import pytest
 
-from engine.config import EngineConfig
-from pdmesh.limits import ServingLimits
-from pdmesh.mesh import MeshConfig
 from pdmesh.v1 import generation_pb2 as gen_pb
 from tests.mesh.harness import MeshThread, generate
 
@@ -19,21 +13,6 @@ from tests.mesh.harness import MeshThread, generate
 MAX_IN_FLIGHT = 8
 MAX_REQUEST_BYTES = 64 << 10
 SANITY_PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="session")
-def shared_mesh() -> Iterator[MeshThread]:
-    """1 prefill + 1 decode worker, embedded store, small overload and size limits."""
-    limits = ServingLimits(
-        max_in_flight=MAX_IN_FLIGHT, max_request_bytes=MAX_REQUEST_BYTES, drain_timeout_s=5
-    )
-    config = MeshConfig(
-        engine=EngineConfig(device="cpu"), gateway_port=0, num_prefill=1, num_decode=1,
-        limits=limits,
-    )  # fmt: skip
-    harness = MeshThread(config)
-    yield harness
-    harness.close()
 
 
 def assert_serving_and_idle(mesh: MeshThread) -> None:

@@ -20,15 +20,12 @@ from pdmesh.limits import ServingLimits
 from pdmesh.rpc import status_for
 from pdmesh.v1 import generation_pb2 as gen_pb
 from tests.mesh.harness import MeshThread
-from tests.mesh.reliability_mesh import (
+from tests.mesh.reliability.common import (
     MAX_IN_FLIGHT,
     assert_serving_and_idle,
-    shared_mesh,
     status_of,
 )
 from tests.tiny_models import save_tiny_model
-
-__all__ = ["shared_mesh"]  # the fixture, imported for pytest
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
 

@@ -13,9 +13,7 @@ from hypothesis import strategies as st
 
 from pdmesh.v1 import generation_pb2 as gen_pb
 from tests.mesh.harness import MeshThread
-from tests.mesh.reliability_mesh import assert_serving_and_idle, shared_mesh
-
-__all__ = ["shared_mesh"]  # the fixture, imported for pytest
+from tests.mesh.reliability.common import assert_serving_and_idle
 
 NUM_EXAMPLES = int(os.environ.get("PDMESH_FUZZ_EXAMPLES", "120"))
 #: Outcomes a well-behaved server may give a random request (deadlines are part of the fuzz).

@@ -11,14 +11,11 @@ import pytest
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from tests.mesh.harness import MeshThread
-from tests.mesh.reliability_mesh import (
+from tests.mesh.reliability.common import (
     MAX_REQUEST_BYTES,
     assert_serving_and_idle,
-    shared_mesh,
     status_of,
 )
-
-__all__ = ["shared_mesh"]  # the fixture, imported for pytest
 
 CONTEXT = 8192  # SmolLM2's maximum model length
 HI = {"prompt": "hi"}

@@ -21,9 +21,7 @@ from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from pdmesh.v1 import generation_pb2 as gen_pb
 from tests.mesh.harness import MeshThread
-from tests.mesh.reliability_mesh import MAX_IN_FLIGHT, assert_serving_and_idle, shared_mesh
-
-__all__ = ["shared_mesh"]  # the fixture, imported for pytest
+from tests.mesh.reliability.common import MAX_IN_FLIGHT, assert_serving_and_idle
 
 SOAK_SECONDS = float(os.environ.get("PDMESH_SOAK_SECONDS", "60"))
 NUM_CLIENTS = MAX_IN_FLIGHT - 2  # below the gateway's limit: refusals would be a bug here
