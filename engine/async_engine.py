@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from engine.engine import Engine, StepOutput
-from engine.errors import InvalidRequestError, PdmeshError, WorkerLostError
+from engine.errors import InvalidRequestError, OverloadedError, PdmeshError, WorkerLostError
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
 from kvstore.block_hash import BlockHash
+from kvstore.errors import KVStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,11 @@ class AsyncEngine:
         engine: Engine,
         name: str = "engine",
         on_lost: Callable[[], object] | None = None,
+        max_waiting: int | None = None,
     ) -> None:
         self.engine = engine
+        #: Requests queued (not yet running) beyond this are refused with OverloadedError.
+        self.max_waiting = max_waiting
         #: False once the engine can no longer serve; ``on_lost`` runs once at that moment.
         self.healthy = True
         self._on_lost = on_lost
@@ -98,6 +102,12 @@ class AsyncEngine:
             if not self.healthy:
                 stream.push(WorkerLostError("this worker is out of service"))
                 return
+            num_waiting = len(self.engine.scheduler.waiting)
+            if self.max_waiting is not None and num_waiting >= self.max_waiting:
+                stream.push(
+                    OverloadedError(f"{num_waiting} requests wait on this worker (max_waiting)")
+                )
+                return
             try:
                 self.engine.add_request(
                     prompt_token_ids, params, request_id, output_token_ids, kv_import
@@ -118,14 +128,18 @@ class AsyncEngine:
             if self._streams.get(request_id) is stream:
                 del self._streams[request_id]
             if not finished:
-                self.abort(request_id)
+                self.abort(request_id, abandoned=True)
 
-    def abort(self, request_id: str) -> None:
-        """Ends the request; a caller still waiting on its stream gets a final ABORT output."""
+    def abort(self, request_id: str, abandoned: bool = False) -> None:
+        """Ends the request; a caller still waiting on its stream gets a final ABORT output.
+        ``abandoned``: its caller left before seeing the end, so store pins it took for a
+        successor (a prefill's published prompt) are released even if it has finished."""
 
         def command() -> None:
             seq = self.engine.requests.get(request_id)
             if not self.engine.abort(request_id) or seq is None:
+                if abandoned:
+                    self.engine.release_pins(request_id)
                 return
             stream = self._streams.get(request_id)
             if stream is not None:
@@ -179,6 +193,9 @@ class AsyncEngine:
             # Ranks may now disagree on the next collective: stop serving rather than guess.
             logger.exception("tensor-parallel step failed")
             self._lose(WorkerLostError(f"tensor-parallel step failed: {error}"))
+        elif isinstance(error, KVStoreError):  # store down or full: a status the caller reads
+            logger.warning("engine step failed: %s", error)
+            self._fail_all(error)
         else:  # fail the step's requests, keep serving
             logger.exception("engine step failed")
             self._fail_all(EngineStepError(f"engine step failed: {error}"))
@@ -195,7 +212,10 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            command()
+            try:
+                command()
+            except Exception:  # one bad command must not end the engine thread
+                logger.exception("engine command failed")
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self.engine.requests):

@@ -147,6 +147,27 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
         default=env("PDMESH_LOG_FORMAT", "text"),
         help="json: one JSON object per line, with the request id",
     )
+    # Overload bounds and drain (pdmesh/limits.py): unset flags fall back to PDMESH_* variables.
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        help="gateway: requests at once, more get RESOURCE_EXHAUSTED (1024; PDMESH_MAX_IN_FLIGHT)",
+    )
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        help="worker: queued requests, more get RESOURCE_EXHAUSTED (256; PDMESH_MAX_WAITING)",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        help="gateway: largest request message (4 MiB; PDMESH_MAX_REQUEST_BYTES)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        help="seconds running requests get on SIGTERM (30; PDMESH_DRAIN_TIMEOUT_S)",
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ step():  schedule  ->  run the model  ->  append tokens, retire finished request
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -29,6 +30,9 @@ from engine.sequence import (
 )
 from kvstore.base import KVStore
 from kvstore.block_hash import BlockHash
+from kvstore.errors import KVStoreError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -211,9 +215,18 @@ class Engine:
         if seq is None:
             return False
         self.scheduler.finish(seq, FinishReason.ABORT)
-        if self.kv is not None:  # blocks this worker pinned for the request are not needed now
-            self.kv.store.release(request_id)
+        self.release_pins(request_id)  # blocks this worker pinned for it are not needed now
         return True
+
+    def release_pins(self, request_id: str) -> None:
+        """Drops the request's pins in the shared store; a store that cannot be reached
+        (its pins then die with it, or with ``clear``) must not stop the abort."""
+        if self.kv is None:
+            return
+        try:
+            self.kv.store.release(request_id)
+        except KVStoreError as error:
+            logger.warning("cannot release the store pins of %s: %s", request_id, error)
 
     @property
     def has_unfinished(self) -> bool:

@@ -15,3 +15,7 @@ class RequestNotFoundError(PdmeshError, KeyError):
 
 class WorkerLostError(PdmeshError):
     """The worker can no longer serve (a tensor-parallel rank died)."""
+
+
+class OverloadedError(PdmeshError):
+    """No capacity to take the request now (a bounded queue is full): retry later."""

@@ -79,6 +79,10 @@ class Worker:
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 << 20),
     ("grpc.max_send_message_length", 256 << 20),
+    # A restarted worker is found within a few seconds, not after minutes of exponential
+    # back-off: the Load poll then puts it back in rotation.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 #: Opens a channel to a worker (address, options); the mesh's adds the secret and TLS.
 OpenChannel = Callable[[str, list[tuple[str, Any]]], grpc.aio.Channel]

@@ -7,6 +7,7 @@ validate -> prefill worker (first token, KV to the store) -> decode worker (stre
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ import grpc
 from engine.config import ModelConfig
 from engine.errors import InvalidRequestError
 from engine.text_output import TextStream
+from gateway.admission import Admission
 from gateway.router import Router, Worker
 from gateway.validation import ValidRequest, prompt_ids_of, validate
 from kvstore.base import KVStore
 from kvstore.block_hash import hash_full_blocks
+from kvstore.errors import KVStoreError
 from pdmesh.convert import sampling_to_pb
 from pdmesh.request_log import finish_status
 from pdmesh.v1 import generation_pb2 as gen_pb
@@ -29,8 +32,12 @@ from pdmesh.v1 import worker_pb2 as worker_pb
 
 if TYPE_CHECKING:
     from pdmesh.metrics import GatewayMetrics
+logger = logging.getLogger(__name__)
 
 UNSPECIFIED = gen_pb.FINISH_REASON_UNSPECIFIED
+#: Codes of a worker call that mean the worker went away (CANCELLED: it stopped mid-call;
+#: the gateway's own cancellations surface as asyncio.CancelledError instead).
+WORKER_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 async def first_or_abort(work: asyncio.Future[Any], aborted: asyncio.Event) -> bool:
@@ -92,6 +99,7 @@ class GatewayCore:
         model_name: str,
         block_size: int,
         namespace: bytes,
+        admission: Admission | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.model_config = model_config
@@ -105,8 +113,16 @@ class GatewayCore:
         self.running: dict[str, Running] = {}
         #: Prometheus metrics of this gateway, when they are served (pdmesh.metrics).
         self.metrics: GatewayMetrics | None = None
+        self.admission = admission or Admission(max_in_flight=1024)
 
     async def generate(
+        self, message: gen_pb.GenerateRequest
+    ) -> AsyncIterator[gen_pb.GenerateResponse]:
+        with self.admission.admit():
+            async for response in self._generate(message):
+                yield response
+
+    async def _generate(
         self, message: gen_pb.GenerateRequest
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         request = validate(
@@ -132,8 +148,16 @@ class GatewayCore:
             del self.running[request.request_id]
             if self.metrics is not None:
                 self.metrics.request_finished(status, state)
-            # Whatever happened, no pin of this request outlives it in the store.
-            await asyncio.to_thread(self.store.release, request.request_id)
+            await self._release(request.request_id)
+
+    async def _release(self, request_id: str) -> None:
+        """Whatever happened, no pin of this request outlives it in the store. A store that
+        cannot be reached must not turn a finished request into an error: its pins are
+        gone with it or are dropped when it comes back and the namespace is cleared."""
+        try:
+            await asyncio.to_thread(self.store.release, request_id)
+        except KVStoreError as error:
+            logger.warning("cannot release the pins of %s: %s", request_id, error)
 
     async def _run(self, state: Running) -> AsyncIterator[gen_pb.GenerateResponse]:
         if self.router.is_colocated:
@@ -181,19 +205,21 @@ class GatewayCore:
             worker, uncached = await self._route_prompt(state, tried)
             worker.outstanding_tokens += uncached
             worker.in_flight += 1
+            call = worker.stub.Prefill(message)
             try:
-                call = worker.stub.Prefill(message)
                 response = asyncio.ensure_future(call)
                 if not await first_or_abort(response, state.aborted):
                     call.cancel()  # the prefill worker frees the request and its pins
                     return worker_pb.PrefillResponse(finish_reason=gen_pb.FINISH_REASON_ABORT)
                 return response.result()  # type: ignore[no-any-return]
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or tried:
+                if error.code() not in WORKER_GONE or tried:
                     raise
                 self.router.mark_failed(worker)
                 tried.add(worker)
             finally:
+                # Cancelled (client gone, deadline): the worker must drop the request too.
+                call.cancel()
                 worker.outstanding_tokens -= uncached
                 worker.in_flight -= 1
 
@@ -210,6 +236,7 @@ class GatewayCore:
                     uncached, first = 0, False
                 yield piece
         finally:
+            call.cancel()
             worker.outstanding_tokens -= uncached
             worker.in_flight -= 1
 
@@ -231,7 +258,12 @@ class GatewayCore:
         try:
             async for piece in self._follow(state, call):
                 yield piece
+        except grpc.aio.AioRpcError as error:
+            if error.code() in WORKER_GONE:
+                self.router.mark_failed(worker)  # until its Load answers again
+            raise
         finally:
+            call.cancel()
             worker.in_flight -= 1
 
     async def _follow(self, state: Running, call: Any) -> AsyncIterator[gen_pb.GenerateResponse]:

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from kvstore.factory import open_store
+from pdmesh.limits import ServingLimits
 from pdmesh.mesh import Mesh, MeshConfig, start_gateway, start_worker
 from pdmesh.request_log import configure_logging
 from pdmesh.security import SecurityConfig
+from pdmesh.shutdown import drain_gateway, drain_worker
 
 if TYPE_CHECKING:
     from pdmesh.metrics import ServiceMetrics
@@ -53,7 +55,7 @@ async def _until_signal(stop: Callable[[], Awaitable[None]]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, done.set)
     await done.wait()
-    print("pdmesh: stopping", flush=True)
+    print("pdmesh: draining, then stopping", flush=True)
     await stop()
 
 
@@ -136,6 +138,7 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
         decode_tp=args.decode_tp,
         security=security,
         metrics_port=resolve_metrics_port(args.metrics_port, args.port),
+        limits=limits_from(args),
     )
 
     async def main() -> None:
@@ -163,6 +166,17 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
     return 0
 
 
+def limits_from(args: argparse.Namespace) -> ServingLimits:
+    return ServingLimits.build(
+        {
+            "max_in_flight": args.max_in_flight,
+            "max_waiting": args.max_waiting,
+            "max_request_bytes": args.max_request_bytes,
+            "drain_timeout_s": args.drain_timeout,
+        }
+    )
+
+
 def run_serve(args: argparse.Namespace, engine: EngineConfig, security: SecurityConfig) -> int:
     address = f"{args.host}:{args.port}"
     if security.mesh_secret is None:  # fail before loading anything
@@ -171,6 +185,7 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig, security: Security
             "workers: set PDMESH_MESH_SECRET or PDMESH_MESH_SECRET_FILE (or --mesh-secret-file)"
         )
     metrics_port = resolve_metrics_port(args.metrics_port, args.port)
+    limits = limits_from(args)
 
     async def main() -> None:
         store = open_store(args.store, args.store_capacity_blocks)
@@ -188,17 +203,22 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig, security: Security
                 args.colocated_addr,
                 security=security,
                 metrics_port=metrics_port,
+                limits=limits,
             )
             metrics: ServiceMetrics | None = core.metrics
 
             async def stop() -> None:
+                await drain_gateway(server, core, limits.drain_timeout_s)
                 await server.stop()
                 await core.router.close()
         else:
-            worker = await start_worker(args.role, engine, store, address, security, metrics_port)
+            worker = await start_worker(
+                args.role, engine, store, address, security, metrics_port, limits
+            )
             metrics = worker.metrics
 
             async def stop() -> None:
+                await drain_worker(worker.server, worker.engine, limits.drain_timeout_s)
                 await worker.server.stop()
                 worker.engine.stop()
 

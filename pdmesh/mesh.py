@@ -19,14 +19,17 @@ from engine.config import EngineConfig
 from engine.engine import Engine, cache_namespace
 from engine.model_source import load_model_config, resolve_model
 from engine.tokenizer import load_tokenizer
+from gateway.admission import Admission
 from gateway.router import Router
 from gateway.service import GatewayCore, GenerationServicer
 from kvstore.base import KVStore
 from kvstore.factory import open_store
 from pdmesh.auth import gateway_interceptors, worker_channel, worker_interceptors
+from pdmesh.limits import ServingLimits
 from pdmesh.request_log import ServiceInterceptor
 from pdmesh.rpc import Server
 from pdmesh.security import SecurityConfig
+from pdmesh.shutdown import drain_gateway
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
 
@@ -71,6 +74,8 @@ class MeshConfig:
     #: First /metrics HTTP port (the gateway's; workers take the next ones); 0 picks free
     #: ports; None serves no metrics.
     metrics_port: int | None = None
+    #: Overload bounds, request size limit and drain timeout.
+    limits: ServingLimits = field(default_factory=ServingLimits)
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or (self.num_decode < 1 and not self.colocated):
@@ -121,6 +126,7 @@ async def start_worker(
     address: str,
     security: SecurityConfig,
     metrics_port: int | None = None,
+    limits: ServingLimits | None = None,
 ) -> WorkerHandle:
     """A worker that admits only callers holding ``security.mesh_secret`` (required).
     ``metrics_port``: serve /metrics there (0: a free port; None: no metrics)."""
@@ -150,7 +156,12 @@ async def start_worker(
     def on_lost() -> None:  # from the engine thread: health turns NOT_SERVING
         asyncio.run_coroutine_threadsafe(server.set_not_serving(), loop)
 
-    async_engine = AsyncEngine(engine, name=f"{role}-{server.port}", on_lost=on_lost)
+    async_engine = AsyncEngine(
+        engine,
+        name=f"{role}-{server.port}",
+        on_lost=on_lost,
+        max_waiting=(limits or ServingLimits()).max_waiting,
+    )
     if metrics is not None:
         metrics.watch(async_engine)
     if role == "prefill":
@@ -180,10 +191,12 @@ async def start_gateway(
     *,
     security: SecurityConfig,
     metrics_port: int | None = None,
+    limits: ServingLimits | None = None,
 ) -> tuple[Server, GatewayCore]:
     """The gateway: API keys (if any) on its port, the mesh secret on its calls to workers.
     ``metrics_port``: serve /metrics there (0: a free port; None: no metrics); the metrics
     are ``core.metrics``."""
+    limits = limits or ServingLimits()
     metrics = None
     if metrics_port is not None:
         from pdmesh.metrics import GatewayMetrics
@@ -196,6 +209,7 @@ async def start_gateway(
         gateway_interceptors(security),
         security.public_server_credentials(),
         outer_interceptors=[ServiceInterceptor("gateway", metrics, True)],
+        max_request_bytes=limits.max_request_bytes,
     )
     await server.start()
     if metrics is not None:
@@ -220,6 +234,7 @@ async def start_gateway(
         source.path.name,
         config.cache.block_size,
         cache_namespace(source, model_config, config),
+        Admission(limits.max_in_flight),
     )
     if metrics is not None:
         core.metrics = metrics
@@ -260,7 +275,9 @@ class Mesh:
             address = f"{config.worker_host}:{config.worker_port(index)}"
             engine = dataclasses.replace(config.engine, tensor_parallel_size=tp[role])
             port = service_metrics_port(config.metrics_port, 1 + index)
-            worker = await start_worker(role, engine, self.store, address, self.security, port)
+            worker = await start_worker(
+                role, engine, self.store, address, self.security, port, config.limits
+            )
             self.workers.append(worker)
         self.gateway, self.core = await start_gateway(
             config.engine,
@@ -271,6 +288,7 @@ class Mesh:
             [w.address for w in self.workers if w.role == "colocated"],
             security=self.security,
             metrics_port=service_metrics_port(config.metrics_port, 0),
+            limits=config.limits,
         )
 
     @property
@@ -287,6 +305,10 @@ class Mesh:
         return ports
 
     async def stop(self) -> None:
+        """Drains the gateway (health NOT_SERVING, new requests refused, running ones
+        finish within ``limits.drain_timeout_s``), then stops every service."""
+        if self.gateway is not None and self.core is not None:
+            await drain_gateway(self.gateway, self.core, self.config.limits.drain_timeout_s)
         if self.gateway is not None:
             await self.gateway.stop()
         if self.core is not None:

@@ -9,17 +9,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.errors import InvalidRequestError, RequestNotFoundError, WorkerLostError
+from engine.errors import (
+    InvalidRequestError,
+    OverloadedError,
+    RequestNotFoundError,
+    WorkerLostError,
+)
 from kvstore.errors import StoreFullError, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
-
-
-class OverloadedError(Exception):
-    """No capacity to take the request now (queue full, store full)."""
 
 
 class WorkerUnavailableError(Exception):
@@ -43,10 +45,12 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(error)
     if isinstance(error, (OverloadedError, StoreFullError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, (WorkerUnavailableError, WorkerLostError, StoreUnavailableError)):
+    if isinstance(error, (WorkerUnavailableError, WorkerLostError)):
         return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, UnauthenticatedError):
         return grpc.StatusCode.UNAUTHENTICATED, str(error)
+    if isinstance(error, StoreUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, f"KV store unavailable: {error}"
     if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error) or "deadline exceeded"
     return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
@@ -59,9 +63,43 @@ async def _abort_with(context: grpc.aio.ServicerContext, error: BaseException) -
     await context.abort(code, message)
 
 
+class MalformedRequest:
+    """Stands in for a request message that could not be parsed, so the handler can answer
+    INVALID_ARGUMENT with the reason (gRPC itself would answer UNKNOWN)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(
+    deserializer: Callable[[bytes], Any] | None, max_request_bytes: int | None
+) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        if max_request_bytes is not None and len(raw) > max_request_bytes:
+            return MalformedRequest(
+                f"the request is {len(raw)} bytes, more than this server's limit of "
+                f"{max_request_bytes} (max_request_bytes)"
+            )
+        try:
+            return deserializer(raw)
+        except DecodeError as error:  # e.g. a string field that is not valid UTF-8
+            return MalformedRequest(f"the request message cannot be parsed: {error}")
+
+    return parse
+
+
+def _check_parsed(request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        raise InvalidRequestError(request.reason)
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _check_parsed(request)
             return await behavior(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -74,6 +112,7 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            _check_parsed(request)
             async for item in behavior(request, context):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -85,7 +124,11 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Every handler's exceptions become status codes through ``status_for``."""
+    """Every handler's exceptions become status codes through ``status_for``; a request that
+    does not parse, or is larger than ``max_request_bytes``, gets INVALID_ARGUMENT."""
+
+    def __init__(self, max_request_bytes: int | None = None) -> None:
+        self.max_request_bytes = max_request_bytes
 
     async def intercept_service(
         self,
@@ -95,16 +138,17 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        parse = _tolerant(handler.request_deserializer, self.max_request_bytes)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -112,8 +156,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
 class Server:
     """A grpc.aio server with health (NOT_SERVING until ``set_serving``) and reflection.
-    ``interceptors`` run inside the error mapping (their errors become status codes too);
-    ``credentials`` make the port TLS."""
+    ``interceptors`` run inside the error mapping (their domain errors become status codes
+    too); ``outer_interceptors`` run outside it (they see the final status: metrics);
+    ``credentials`` make the port TLS.
+
+    ``max_request_bytes`` (the public gateway sets it) bounds request messages: larger ones
+    get INVALID_ARGUMENT naming the limit, and beyond twice the limit gRPC itself refuses
+    them (RESOURCE_EXHAUSTED) before they are read whole."""
 
     def __init__(
         self,
@@ -122,13 +171,17 @@ class Server:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         credentials: grpc.ServerCredentials | None = None,
         outer_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        max_request_bytes: int | None = None,
     ) -> None:
-        """``interceptors`` run inside the error mapping (their domain errors become status
-        codes); ``outer_interceptors`` run outside it (they see the final status: metrics)."""
+        receive_limit = 256 << 20 if max_request_bytes is None else 2 * max_request_bytes
         self.server = grpc.aio.server(
-            interceptors=[*outer_interceptors, ErrorMappingInterceptor(), *interceptors],
+            interceptors=[
+                *outer_interceptors,
+                ErrorMappingInterceptor(max_request_bytes),
+                *interceptors,
+            ],
             options=[
-                ("grpc.max_receive_message_length", 256 << 20),
+                ("grpc.max_receive_message_length", receive_limit),
                 ("grpc.max_send_message_length", 256 << 20),
             ],
         )

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import grpc
 
 from pdmesh.auth import bearer_metadata
-from pdmesh.mesh import Mesh, MeshConfig
+from pdmesh.mesh import Mesh, MeshConfig, WorkerHandle, start_worker
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2 as worker_pb
@@ -42,6 +42,31 @@ class MeshThread:
         """What a caller of a worker must present: the mesh's secret."""
         assert self.mesh.security.mesh_secret is not None
         return bearer_metadata(self.mesh.security.mesh_secret)
+
+    def kill_worker(self, index: int) -> WorkerHandle:
+        """As a crash looks to the rest of the mesh: the worker's server goes away at once,
+        cutting every call in progress."""
+        worker = self.mesh.workers[index]
+        self.run(worker.server.stop(0))
+        return worker
+
+    def restart_worker(self, index: int) -> WorkerHandle:
+        """A fresh worker (new engine) on the killed worker's address."""
+        old = self.mesh.workers[index]
+        old.engine.stop()
+        config = self.mesh.config
+        fresh = self.run(
+            start_worker(
+                old.role,
+                config.engine,
+                self.mesh.store,
+                old.address,
+                self.mesh.security,
+                limits=config.limits,
+            )
+        )
+        self.mesh.workers[index] = fresh
+        return fresh
 
     def loads(self) -> list[worker_pb.LoadReport]:
         reports = []

@@ -1,5 +1,6 @@
-"""`pdmesh up` as a user runs it: a separate process that prints where it listens, serves, and
-stops cleanly on Ctrl-C (SIGINT)."""
+"""`pdmesh up` as a user runs it: a separate process that prints where it listens, serves,
+and on SIGTERM (or Ctrl-C, the same handler) drains: health turns NOT_SERVING, new requests
+get UNAVAILABLE, the request in flight still completes, then the process exits 0."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,8 +18,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 
+GATEWAY = "pdmesh.v1.Generation"
 
-def test_pdmesh_up_serves_and_stops_on_ctrl_c() -> None:
+
+def _health(channel: grpc.Channel) -> Any:
+    request = health_pb2.HealthCheckRequest(service=GATEWAY)
+    return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status
+
+
+def test_pdmesh_up_serves_and_drains_on_sigterm() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "up", "--device", "cpu", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -34,18 +44,36 @@ def test_pdmesh_up_serves_and_stops_on_ctrl_c() -> None:
             address = match.group(1) if match else None
         assert address is not None
         with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="pdmesh.v1.Generation"), timeout=10
-            )
-            assert health.status == health_pb2.HealthCheckResponse.SERVING
-            reply = gen_grpc.GenerationStub(channel).GenerateUnary(
+            assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+            stub = gen_grpc.GenerationStub(channel)
+            reply = stub.GenerateUnary(
                 gen_pb.GenerateRequest(
                     prompt="The capital of France is", max_tokens=4, temperature=0
                 ),
                 timeout=120,
             )
             assert "Paris" in reply.text and reply.usage.completion_tokens == 4
-        process.send_signal(signal.SIGINT)
+            # A long request is running when SIGTERM comes: it must still complete.
+            in_flight = stub.Generate(
+                gen_pb.GenerateRequest(prompt="Tell me a story.", max_tokens=80, ignore_eos=True),
+                timeout=120,
+            )
+            pieces = [next(in_flight)]
+            rest = threading.Thread(target=lambda: pieces.extend(in_flight))
+            rest.start()
+            process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while _health(channel) != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+                time.sleep(0.05)
+            try:
+                stub.GenerateUnary(gen_pb.GenerateRequest(prompt="late"), timeout=30)
+                raise AssertionError("a request was accepted while draining")
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
+            rest.join(timeout=120)
+            assert pieces[-1].finish_reason == gen_pb.FINISH_REASON_LENGTH
+            assert pieces[-1].usage.completion_tokens == 80
         assert process.wait(timeout=30) == 0
     finally:
         if process.poll() is None:

@@ -1,0 +1,122 @@
+"""Overload and deadlines: beyond its bounds the mesh refuses at once (RESOURCE_EXHAUSTED)
+rather than queueing without end; a request's gRPC deadline ends it with DEADLINE_EXCEEDED
+and frees its blocks on every worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig, SchedulerConfig
+from engine.engine import Engine
+from engine.errors import OverloadedError
+from engine.sampling_params import SamplingParams
+from pdmesh.limits import ServingLimits
+from pdmesh.rpc import status_for
+from pdmesh.v1 import generation_pb2 as gen_pb
+from tests.mesh.harness import MeshThread
+from tests.mesh.reliability.common import (
+    MAX_IN_FLIGHT,
+    assert_serving_and_idle,
+    status_of,
+)
+from tests.tiny_models import save_tiny_model
+
+LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
+
+
+def _wait_for(condition: object, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.02)
+    assert condition(), "condition not reached"  # type: ignore[operator]
+
+
+def test_gateway_refuses_past_max_in_flight(shared_mesh: MeshThread) -> None:
+    core = shared_mesh.mesh.core
+    assert core is not None
+    streams = [
+        shared_mesh.stub.Generate(gen_pb.GenerateRequest(prompt=f"Story {i}:", **LONG), timeout=120)
+        for i in range(MAX_IN_FLIGHT)
+    ]
+    try:
+        for stream in streams:
+            next(stream)  # each one is running
+        assert core.admission.num_in_flight == MAX_IN_FLIGHT
+        with pytest.raises(grpc.RpcError) as info:
+            shared_mesh.stub.GenerateUnary(gen_pb.GenerateRequest(prompt="one more"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_in_flight" in (info.value.details() or "")
+    finally:
+        for stream in streams:
+            stream.cancel()
+    assert_serving_and_idle(shared_mesh)
+
+
+def test_deadline_while_decoding(shared_mesh: MeshThread) -> None:
+    stream = shared_mesh.stub.Generate(gen_pb.GenerateRequest(prompt="Tell me", **LONG), timeout=2)
+    assert status_of(stream) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_serving_and_idle(shared_mesh)
+
+
+def test_deadline_while_prefilling(shared_mesh: MeshThread) -> None:
+    # A long prompt keeps the prefill worker busy past the deadline.
+    prompt = " ".join(f"line {i} reads {i * 13}" for i in range(60))
+    request = gen_pb.GenerateRequest(prompt=prompt, max_tokens=4)
+    stream = shared_mesh.stub.Generate(request, timeout=0.3)
+    assert status_of(stream) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_serving_and_idle(shared_mesh)
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tmp_path_factory: pytest.TempPathFactory) -> AsyncEngine:
+    """An engine that runs one request at a time and lets one more wait."""
+    directory: Path = save_tiny_model("llama3", tmp_path_factory.mktemp("overload"))
+    config = EngineConfig(
+        model=str(directory), device="cpu", scheduler=SchedulerConfig(max_num_seqs=1)
+    )
+    return AsyncEngine(Engine(config), max_waiting=1)
+
+
+def test_worker_refuses_past_max_waiting(one_at_a_time: AsyncEngine) -> None:
+    params = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
+
+    async def scenario() -> BaseException | None:
+        running = one_at_a_time.generate([1, 2, 3], params, "running")
+        await running.__anext__()
+        waiting = one_at_a_time.generate([4, 5, 6], params, "waiting")
+        waiting_task = asyncio.ensure_future(waiting.__anext__())
+        while one_at_a_time.load().num_waiting < 1:
+            await asyncio.sleep(0.01)
+        refused: BaseException | None = None
+        try:
+            await one_at_a_time.generate([7, 8], params, "refused").__anext__()
+        except OverloadedError as error:
+            refused = error
+        waiting_task.cancel()
+        await running.aclose()
+        return refused
+
+    refused = asyncio.run(scenario())
+    assert refused is not None
+    code, message = status_for(refused)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_waiting" in message
+    _wait_for(lambda: one_at_a_time.load().num_used_blocks == 0)
+    one_at_a_time.stop()
+
+
+def test_limits_come_from_flags_then_environment_then_defaults() -> None:
+    environ = {"PDMESH_MAX_IN_FLIGHT": "7", "PDMESH_DRAIN_TIMEOUT_S": "2.5"}
+    limits = ServingLimits.build({"max_in_flight": None, "max_waiting": 3}, environ)
+    assert limits == ServingLimits(
+        max_in_flight=7, max_waiting=3, max_request_bytes=4 << 20, drain_timeout_s=2.5
+    )
+    with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
+        ServingLimits.build({"max_in_flight": 0}, {})
+    with pytest.raises(ValueError, match="PDMESH_MAX_WAITING='many' is not a number"):
+        ServingLimits.build({}, {"PDMESH_MAX_WAITING": "many"})
