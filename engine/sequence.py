@@ -14,6 +14,8 @@ from kvstore.block_hash import BlockHash
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    #: Decode role: blocks reserved, prompt KV arriving from the store, first token not yet.
+    PREFETCHING = "prefetching"
     RUNNING = "running"
     FINISHED = "finished"
 
