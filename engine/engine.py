@@ -217,7 +217,7 @@ class Engine:
         if self.prefetcher is not None:
             self.prefetcher.discard(request_id)
         if retain and self._retains_finished and seq.status is SequenceStatus.RUNNING:
-            self.kv.retain_finished(seq)  # type: ignore[union-attr]
+            self.kv.retain_finished([seq])  # type: ignore[union-attr]
         self.scheduler.finish(seq, FinishReason.ABORT)
         if self.kv is not None:  # blocks this worker pinned for the request are not needed now
             self.kv.store.release(request_id)
@@ -261,6 +261,7 @@ class Engine:
             return []
         sampled = iter(self.runner.execute(chunks))
         outputs = []
+        retained: list[tuple[Sequence, FinishReason]] = []
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed_tokens = chunk.end
@@ -273,11 +274,11 @@ class Engine:
             seq.append_token(token_id, logprob)
             reason = seq.check_stop()
             kv_hashes = None
-            if reason is not None:
-                if self.publish_kv:
-                    kv_hashes = self.kv.publish_prompt(seq)  # type: ignore[union-attr]
-                elif self._retains_finished:
-                    self.kv.retain_finished(seq)  # type: ignore[union-attr]
+            if reason is not None and self.publish_kv:
+                kv_hashes = self.kv.publish_prompt(seq)  # type: ignore[union-attr]
+            if reason is not None and self._retains_finished:
+                retained.append((seq, reason))  # its blocks are stored before they are freed
+            elif reason is not None:
                 self._finish(seq, reason)
             outputs.append(
                 StepOutput(
@@ -290,6 +291,10 @@ class Engine:
                     kv_hashes=kv_hashes,
                 )
             )
+        if retained:
+            self.kv.retain_finished([seq for seq, _ in retained])  # type: ignore[union-attr]
+            for seq, reason in retained:
+                self._finish(seq, reason)
         return outputs
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:

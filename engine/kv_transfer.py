@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from engine.model_runner import ModelRunner
-from engine.scheduler import BlockImport
+from engine.scheduler import BlockImport, ScheduledChunk
 from engine.sequence import Sequence
 from kvstore.base import KVStore
 from kvstore.block_hash import BlockHash, block_hash, hash_full_blocks
@@ -82,10 +82,29 @@ class KVTransfer:
         seq.num_published_blocks = len(hashes)
         return hashes
 
-    def retain_finished(self, seq: Sequence) -> None:
-        """Leaves every computed full block of a finished request (prompt and output) in the
-        store, unpinned: the prefix cache that the conversation's next turn, or any prompt
-        sharing the prefix, is prefilled from. Best effort: a full store skips it."""
+    def retain_finished(self, seqs: list[Sequence]) -> None:
+        """Leaves every computed full block of finished requests (prompt and output) in the
+        store, unpinned: the prefix cache that a conversation's next turn, or any prompt
+        sharing the prefix, is prefilled from. Best effort: a full store skips it.
+
+        A request's last token (often the end-of-turn token, which the next turn's prompt
+        repeats) has no KV yet; when it fills a block, one forward pass computes it, so the
+        stored chain covers every token the model wrote."""
+        tails = [
+            ScheduledChunk(seq, seq.num_tokens - 1, seq.num_tokens, completes=False)
+            for seq in seqs
+            if seq.num_tokens % self.block_size == 0
+            and seq.num_computed_tokens == seq.num_tokens - 1
+            and len(seq.block_table) * self.block_size >= seq.num_tokens
+        ]
+        if tails:
+            self.runner.execute(tails)  # no row is sampled: it only writes the K/V
+            for tail in tails:
+                tail.seq.num_computed_tokens = tail.end
+        for seq in seqs:
+            self._retain(seq)
+
+    def _retain(self, seq: Sequence) -> None:
         num_full = seq.num_computed_tokens // self.block_size
         if num_full == 0 or not seq.block_table:
             return
