@@ -4,7 +4,6 @@ prefill runs, aborts in the middle of one, and finished requests left as prefix 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
@@ -132,7 +131,7 @@ def test_finished_decode_leaves_prompt_and_output_blocks_as_prefix_cache(
     chain = hash_full_blocks(conversation, BLOCK, decode.block_manager.namespace)
     assert len(chain) == 4 and store.match_prefix(chain) == 4
     # The next turn's prompt starts with the whole conversation: its prefill imports it.
-    next_turn = conversation + [7, 8, 9]
+    next_turn = [*conversation, 7, 8, 9]
     prefill.add_request(next_turn, dataclasses.replace(params, max_tokens=1), "t2")
     reply = None
     while reply is None:
