@@ -30,6 +30,7 @@ import statistics
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 from kvstore.base import KVStore
-from kvstore.factory import open_store
+from kvstore.embedded import EmbeddedKVStore
 
 FIRST_ONLY = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 DECODE = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
@@ -125,7 +126,11 @@ class Bench:
 
         def puller() -> None:  # the decode worker's loop while it waits for the first token
             while not done.is_set():
-                self.decode.prefetcher.pull()  # type: ignore[union-attr]
+                try:
+                    self.decode.prefetcher.pull()  # type: ignore[union-attr]
+                except Exception:  # a failed pull leaves the blocks to the resume
+                    traceback.print_exc()
+                    return
                 done.wait(PULL_INTERVAL_S)
 
         start = time.perf_counter()
@@ -175,7 +180,8 @@ def measure(bench: Bench, length: int, repeats: int) -> dict[str, Any]:
 def start_store(name: str, capacity: int) -> tuple[KVStore, Any]:
     """``embedded``, or ``redis`` / ``redis+shm`` on a private redis-server."""
     if name == "embedded":
-        return open_store(name, capacity), None
+        return EmbeddedKVStore(capacity), None
+    from kvstore.factory import open_store  # redis-py only where Redis is used
     from pdmesh.launch import start_local_redis
 
     process, url = start_local_redis()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from engine.config import EngineConfig
+from engine.kv_transfer import transfer_path
 from kvstore.factory import open_store
 from pdmesh.mesh import Mesh, MeshConfig, start_gateway, start_worker
 
@@ -106,7 +107,8 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
         for worker in mesh.workers:
             print(f"pdmesh: {worker.role} worker on {worker.address}", flush=True)
         print(
-            f"pdmesh: gateway listening on {mesh.gateway_address} (store: {config.store})",
+            f"pdmesh: gateway listening on {mesh.gateway_address} (store: {config.store}, "
+            f"hand-off path: {transfer_path(mesh.store)})",
             flush=True,
         )
         await _until_signal(mesh.stop)
@@ -119,6 +121,14 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig) -> int:
 
 def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
     address = f"{args.host}:{args.port}"
+    if args.role in ("prefill", "decode") and args.store == "embedded":
+        # The embedded store lives in one process: a worker alone in its own could hand off
+        # to no one. `pdmesh up` is the in-process layout.
+        raise ValueError(
+            f"a {args.role} worker in its own process needs a store shared with the others: "
+            "--store redis+shm://HOST:PORT/DB (same host, shared memory) or "
+            "redis://HOST:PORT/DB (any host)"
+        )
 
     async def main() -> None:
         store = open_store(args.store, args.store_capacity_blocks)

@@ -141,3 +141,12 @@ def test_finished_decode_leaves_prompt_and_output_blocks_as_prefix_cache(
     assert reply.new_token_ids == reference.token_ids[:1]
     store.release("t2")
     assert store.stats().num_pinned_blocks == 0
+
+
+def test_a_worker_in_its_own_process_refuses_the_embedded_store(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from engine.cli import main
+
+    assert main(["serve", "decode", "--store", "embedded", "--device", "cpu"]) == 2
+    assert "needs a store shared with the others" in capsys.readouterr().err
