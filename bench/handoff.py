@@ -69,11 +69,11 @@ def engine_config(device: str, max_len: int, chunk: int, model_dir: str | None) 
     )
 
 
-def llama8b_dir() -> str:
+def llama8b_dir(layers: int) -> str:
     from bench.engine_gpu import hf_config
 
     directory = Path(tempfile.mkdtemp(prefix="handoff-llama8b-"))
-    hf_config(32).save_pretrained(str(directory))
+    hf_config(layers).save_pretrained(str(directory))
     return str(directory)
 
 
@@ -199,10 +199,11 @@ def start_store(name: str, capacity: int) -> tuple[KVStore, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    model_dir = llama8b_dir() if args.device == "cuda" else None
+    dummy = args.device == "cuda" or args.dummy
+    model_dir = llama8b_dir(args.layers) if dummy else None
     max_len = max(args.lengths) + 16
     bench = Bench(engine_config(args.device, max_len, args.chunk, model_dir), args.device)
-    bench.prefill_alone(min(max_len, 256))  # warm-up
+    bench.prefill_alone(min(min(args.lengths), 256))  # warm-up
     alone = {
         n: statistics.median(bench.prefill_alone(n) for _ in range(args.repeats))
         for n in args.lengths
@@ -237,7 +238,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 process.terminate()
                 process.wait(timeout=10)
     return {
-        "model": "llama-3.1-8b shape, random bf16" if model_dir else "SmolLM2-135M float32",
+        "model": f"llama-3.1-8b shape ({args.layers} layers), random bf16"
+        if model_dir
+        else "SmolLM2-135M float32",
         "prefill_chunk_tokens": args.chunk,
         "repeats": args.repeats,
         "rows": results,
@@ -255,6 +258,8 @@ def main() -> None:
         "--chunk", type=int, help="prefill tokens per iteration (default: cpu 512, cuda 2048)"
     )
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dummy", action="store_true", help="the Llama-8B shape on the CPU too")
+    parser.add_argument("--layers", type=int, default=32, help="of the Llama-8B shape")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.chunk is None:
