@@ -24,6 +24,8 @@ from kvstore.errors import KVStoreError
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05
+#: How often an otherwise idle engine looks for blocks of prefetching requests.
+PREFETCH_POLL_S = 0.002
 
 
 def aborted_output(request_id: str, num_prompt_tokens: int) -> StepOutput:
@@ -89,9 +91,11 @@ class AsyncEngine:
         request_id: str,
         output_token_ids: list[int] | None = None,
         kv_import: list[BlockHash] | None = None,
+        prefetch: bool = False,
     ) -> AsyncIterator[StepOutput]:
         """Step outputs of one request until it finishes. Leaving early (cancellation, an
-        exception in the consumer) aborts the request and frees its blocks."""
+        exception in the consumer) aborts the request and frees its blocks. With ``prefetch``
+        (decode role) the request waits for ``resume`` while its prompt's blocks arrive."""
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already running here")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -109,9 +113,12 @@ class AsyncEngine:
                 )
                 return
             try:
-                self.engine.add_request(
-                    prompt_token_ids, params, request_id, output_token_ids, kv_import
-                )
+                if prefetch:
+                    self.engine.prefetch(prompt_token_ids, params, request_id)
+                else:
+                    self.engine.add_request(
+                        prompt_token_ids, params, request_id, output_token_ids, kv_import
+                    )
             except Exception as error:
                 stream.push(error)
 
@@ -147,6 +154,21 @@ class AsyncEngine:
 
         self._submit(command)
 
+    def resume(self, request_id: str, first_token_id: int, kv_hashes: list[BlockHash]) -> None:
+        """Continues a prefetched request after its first token (its stream gets the error if
+        the hand-off is refused)."""
+
+        def command() -> None:
+            try:
+                self.engine.resume(request_id, first_token_id, kv_hashes)
+            except InvalidRequestError as error:
+                self.engine.abort(request_id, retain=False)
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    stream.push(error)
+
+        self._submit(command)
+
     def load(self) -> LoadStats:
         """A snapshot read from another thread: counters only, no structure is mutated."""
         scheduler = self.engine.scheduler
@@ -172,7 +194,15 @@ class AsyncEngine:
         while not self._stopping:
             self._drain_commands()
             if not self.engine.has_unfinished:
-                self._wake.wait(IDLE_WAIT_S)
+                prefetcher = self.engine.prefetcher
+                if prefetcher is not None and prefetcher.pending:
+                    try:
+                        prefetcher.pull()
+                    except Exception as error:  # the store failed: so do the requests
+                        self._step_failed(error)
+                    self._wake.wait(PREFETCH_POLL_S)
+                else:
+                    self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
                 continue
             try:
@@ -219,7 +249,7 @@ class AsyncEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
+            self.engine.abort(request_id, retain=False)
             stream = self._streams.get(request_id)
             if stream is not None:
                 stream.push(error)

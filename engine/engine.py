@@ -19,6 +19,7 @@ from engine.kv_transfer import KVTransfer
 from engine.model_runner import DeviceTokens, ModelRunner
 from engine.model_source import ModelSource, load_model_config, resolve_model
 from engine.parallel import SINGLE
+from engine.prefetch import Prefetcher
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from engine.sequence import (
@@ -126,6 +127,9 @@ class Engine:
             KVTransfer(kv_store, self.runner, self.block_manager.namespace) if kv_store else None
         )
         self.publish_kv = publish_kv and self.kv is not None
+        self.prefetcher = (
+            Prefetcher(self.kv, self.block_manager, self.scheduler) if self.kv else None
+        )
         self.requests: dict[str, Sequence] = {}
         #: Async scheduling: the previous step's tokens, still on the device.
         self._in_flight: DeviceTokens | None = None
@@ -173,6 +177,37 @@ class Engine:
         self.scheduler.add(seq)
         return request_id
 
+    def prefetch(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> None:
+        """Decode role, pipelined hand-off: reserves blocks for a prompt that a prefill worker
+        is computing now and pulls its blocks as they reach the store; ``resume`` continues it
+        with the first token."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if self.prefetcher is None:
+            raise InvalidRequestError("this engine has no KV store to import blocks from")
+        self._validate(prompt_token_ids, params)
+        seq = Sequence(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            eos_token_ids=frozenset(self.model_config.eos_token_ids),
+        )
+        seq.generator = self._generator_for(params)
+        self.requests[request_id] = seq
+        self.prefetcher.start(seq)
+
+    def resume(self, request_id: str, first_token_id: int, kv_hashes: list[BlockHash]) -> None:
+        """Queues a prefetched request to decode after ``first_token_id``; ``kv_hashes`` are
+        the prefill worker's names for the prompt's blocks (they must be the prompt's)."""
+        seq = self.requests.get(request_id)
+        if seq is None or self.prefetcher is None:
+            raise InvalidRequestError(f"request {request_id!r} is not known here")
+        if not 0 <= first_token_id < self.model_config.vocab_size:
+            raise InvalidRequestError(f"first token id {first_token_id} is out of range")
+        self.prefetcher.resume(seq, first_token_id, kv_hashes)
+
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty")
@@ -209,11 +244,19 @@ class Engine:
         """Unseeded sampling shares the engine's generator; seeded draws make their own."""
         return None if params.is_greedy or params.seed is not None else self.generator
 
-    def abort(self, request_id: str) -> bool:
-        """Ends a request and frees its blocks; False if it is not (or no longer) known."""
+    def abort(self, request_id: str, retain: bool = True) -> bool:
+        """Ends a request and frees its blocks; False if it is not (or no longer) known.
+        ``retain`` leaves its computed blocks in the store as prefix cache (a decode worker's
+        request cut short by a stop string); a failed step's KV is not kept."""
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return False
+        if self.prefetcher is not None:
+            self.prefetcher.discard(request_id)
+        if seq.has_pending_token:  # its token is still on the device: never reported, dropped
+            seq.output_token_ids.pop()
+        if retain and self._retains_finished and seq.status is SequenceStatus.RUNNING:
+            self.kv.retain_finished([seq])  # type: ignore[union-attr]
         self.scheduler.finish(seq, FinishReason.ABORT)
         self.release_pins(request_id)  # blocks this worker pinned for it are not needed now
         return True
@@ -229,6 +272,11 @@ class Engine:
             logger.warning("cannot release the store pins of %s: %s", request_id, error)
 
     @property
+    def _retains_finished(self) -> bool:
+        """A decode worker leaves finished requests' blocks in the store for the next turn."""
+        return self.kv is not None and not self.publish_kv
+
+    @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
@@ -242,6 +290,8 @@ class Engine:
         which is launched on the device before they are read back."""
         if self.leader is not None and not self.leader.followers_alive:
             raise WorkerLostError("a tensor-parallel rank died; this worker is out of service")
+        if self.prefetcher is not None and self.prefetcher.pending:
+            self.prefetcher.pull()
         scheduled = self.scheduler.schedule()
         if self.kv is not None and not self.publish_kv:
             for seq in scheduled.preempted:
@@ -327,6 +377,8 @@ class Engine:
         if reason is not None:
             if self.publish_kv:
                 kv_hashes = self.kv.publish_prompt(seq)  # type: ignore[union-attr]
+            if self._retains_finished:  # its blocks are stored before they are freed
+                self.kv.retain_finished([seq])  # type: ignore[union-attr]
             self._finish(seq, reason)
         return StepOutput(
             request_id=seq.request_id,

@@ -8,11 +8,29 @@ its fewer tokens, so its name still fixes its content.
 
 from __future__ import annotations
 
+import logging
+import time
+
 from engine.model_runner import ModelRunner
-from engine.scheduler import BlockImport
+from engine.scheduler import BlockImport, ScheduledChunk
 from engine.sequence import Sequence
 from kvstore.base import KVStore
 from kvstore.block_hash import BlockHash, block_hash, hash_full_blocks
+from kvstore.data_planes import SharedMemoryPlane
+from kvstore.embedded import EmbeddedKVStore
+from kvstore.errors import StoreFullError
+
+logger = logging.getLogger(__name__)
+
+
+def transfer_path(store: KVStore) -> str:
+    """How blocks travel through ``store``: "in-process" (one process shares the bytes),
+    "shared-memory" (processes of one host), or "redis" (any host)."""
+    if isinstance(store, EmbeddedKVStore):
+        return "in-process"
+    # A Redis store's data plane is fixed when it opens (kvstore.factory).
+    plane = getattr(store, "_plane", None)
+    return "shared-memory" if isinstance(plane, SharedMemoryPlane) else "redis"
 
 
 class KVTransfer:
@@ -21,17 +39,24 @@ class KVTransfer:
         self.runner = runner
         self.block_size = runner.block_size
         self.namespace = namespace
+        #: The data path every hand-off of this worker takes (see ``transfer_path``).
+        self.path = transfer_path(store)
         #: Blocks filled from the store so far (metrics and tests).
         self.num_loaded_blocks = 0
+        #: Of those, blocks pulled while the prompt was still being prefilled elsewhere.
+        self.num_prefetched_blocks = 0
+        #: Blocks of finished requests (prompt and output) published as prefix cache.
+        self.num_retained_blocks = 0
+        #: Seconds spent reading blocks out of the cache into the store (prefill's share of
+        #: the hand-off; benchmarks).
+        self.publish_s = 0.0
 
-    def prompt_hashes(self, seq: Sequence) -> list[BlockHash]:
+    def prompt_hashes(
+        self, prompt: list[int], known: list[BlockHash] | None = None
+    ) -> list[BlockHash]:
         """Names of the prompt's blocks, the partial last one included."""
-        prompt = seq.prompt_token_ids
         hashes = hash_full_blocks(
-            prompt,
-            self.block_size,
-            self.namespace,
-            seq.block_hashes[: len(prompt) // self.block_size],
+            prompt, self.block_size, self.namespace, (known or [])[: len(prompt) // self.block_size]
         )
         tail = len(prompt) % self.block_size
         if tail:
@@ -55,16 +80,61 @@ class KVTransfer:
 
     def publish_prompt(self, seq: Sequence) -> list[BlockHash]:
         """Publishes whatever of the prompt is not yet in the store; returns every name."""
-        hashes = self.prompt_hashes(seq)
+        hashes = self.prompt_hashes(seq.prompt_token_ids, seq.block_hashes)
         start = seq.num_published_blocks
         self._put(seq.request_id, seq.block_table[start : len(hashes)], hashes[start:])
         seq.num_published_blocks = len(hashes)
         return hashes
 
+    def retain_finished(self, seqs: list[Sequence]) -> None:
+        """Leaves every computed full block of finished requests (prompt and output) in the
+        store, unpinned: the prefix cache that a conversation's next turn, or any prompt
+        sharing the prefix, is prefilled from. Best effort: a full store skips it.
+
+        A request's last token (often the end-of-turn token, which the next turn's prompt
+        repeats) has no KV yet; when it fills a block, one forward pass computes it, so the
+        stored chain covers every token the model wrote."""
+        tails = [
+            ScheduledChunk(seq, seq.num_tokens - 1, seq.num_tokens, completes=False)
+            for seq in seqs
+            if seq.num_tokens % self.block_size == 0
+            and seq.num_computed_tokens == seq.num_tokens - 1
+            and len(seq.block_table) * self.block_size >= seq.num_tokens
+        ]
+        if tails:
+            self.runner.execute(tails)  # no row is sampled: it only writes the K/V
+            for tail in tails:
+                tail.seq.num_computed_tokens = tail.end
+        for seq in seqs:
+            self._retain(seq)
+
+    def _retain(self, seq: Sequence) -> None:
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full == 0 or not seq.block_table:
+            return
+        # Only the computed tokens: a full block holding the uncomputed last token is not.
+        hashes = hash_full_blocks(
+            seq.tokens_between(0, num_full * self.block_size),
+            self.block_size,
+            self.namespace,
+            seq.block_hashes[:num_full],
+        )
+        start = self.store.match_prefix(hashes)  # only what the store lacks is read out
+        owner = f"{seq.request_id}/retain"
+        try:
+            self._put(owner, seq.block_table[start:num_full], hashes[start:])
+            self.num_retained_blocks += num_full - start
+        except StoreFullError as error:
+            logger.info("not retaining %s: %s", seq.request_id, error)
+        finally:
+            self.store.release(owner)
+
     def _put(self, owner: str, block_ids: list[int], hashes: list[BlockHash]) -> None:
         if block_ids:
+            start = time.perf_counter()
             data = self.runner.read_blocks(block_ids)
             self.store.put(owner, list(zip(hashes, data, strict=True)))
+            self.publish_s += time.perf_counter() - start
 
     def stored_prefix(self, prompt: list[int]) -> list[BlockHash] | None:
         """Names of the prompt's leading full blocks that the store holds, leaving at least
@@ -80,8 +150,14 @@ class KVTransfer:
         will read the same blocks."""
         owner = imp.seq.request_id
         try:
-            self.runner.write_blocks(imp.block_ids, self.store.get(owner, imp.hashes))
-            self.num_loaded_blocks += len(imp.block_ids)
+            self.fill(owner, imp.block_ids, imp.hashes)
         finally:
             if not keep_pins:
                 self.store.release(owner)
+
+    def fill(self, owner: str, block_ids: list[int], hashes: list[BlockHash]) -> None:
+        """Copies the named blocks into ``block_ids``, pinning them for ``owner``; KeyError
+        if one is missing."""
+        if block_ids:
+            self.runner.write_blocks(block_ids, self.store.get(owner, hashes))
+            self.num_loaded_blocks += len(block_ids)

@@ -18,6 +18,8 @@ PENDING_TOKEN = -1
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    #: Decode role: blocks reserved, prompt KV arriving from the store, first token not yet.
+    PREFETCHING = "prefetching"
     RUNNING = "running"
     FINISHED = "finished"
 

@@ -88,6 +88,58 @@ class Running:
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class DecodeCall:
+    """The call to a decode worker for one request. Pipelined, it opens at once with the
+    prompt alone (the worker starts pulling blocks as the prefill publishes them) and the
+    first token follows as a second message; otherwise the one message goes after the
+    prefill. Closing it (cancelling the call) frees the request on the worker."""
+
+    def __init__(
+        self, worker: Worker, request: ValidRequest, pipelined_namespace: str | None
+    ) -> None:
+        self.worker = worker
+        self.request = request
+        self._second: asyncio.Future[worker_pb.DecodeRequest] = asyncio.Future()
+        self._call: Any = None
+        worker.in_flight += 1
+        if pipelined_namespace is not None:  # the worker hashes the prompt itself
+            opening = self._message()
+            opening.kv.namespace = pipelined_namespace
+            self._call = worker.stub.Decode(self._messages(opening))
+
+    @property
+    def call(self) -> Any:
+        assert self._call is not None
+        return self._call
+
+    def _message(self) -> worker_pb.DecodeRequest:
+        return worker_pb.DecodeRequest(
+            request_id=self.request.request_id,
+            prompt_token_ids=self.request.prompt_token_ids,
+            sampling=sampling_to_pb(self.request.params),
+        )
+
+    async def _messages(self, opening: worker_pb.DecodeRequest | None) -> AsyncIterator[Any]:
+        if opening is not None:
+            yield opening
+        yield await self._second
+
+    def continue_after(self, prefill: worker_pb.PrefillResponse) -> None:
+        """Hands the prefill's first token and blocks to the decode worker."""
+        message = self._message()
+        message.first_token_id = prefill.first_token_id
+        message.kv.CopyFrom(prefill.kv)
+        self._second.set_result(message)
+        if self._call is None:
+            self._call = self.worker.stub.Decode(self._messages(None))
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        self._second.cancel()
+        self.worker.in_flight -= 1
+
+
 class GatewayCore:
     def __init__(
         self,
@@ -114,6 +166,9 @@ class GatewayCore:
         #: Prometheus metrics of this gateway, when they are served (pdmesh.metrics).
         self.metrics: GatewayMetrics | None = None
         self.admission = admission or Admission(max_in_flight=1024)
+        #: Open the decode call when the prefill starts, so the decode worker pulls the
+        #: prompt's blocks while they are computed (off: only after the first token).
+        self.pipeline_handoff = True
 
     async def generate(
         self, message: gen_pb.GenerateRequest
@@ -164,19 +219,29 @@ class GatewayCore:
             async for piece in self._colocated(state):
                 yield piece
             return
-        prefill = await self._prefill(state)
-        state.cached_tokens = prefill.cached_tokens
-        reason = prefill.finish_reason
-        logprobs = [prefill.logprob] if prefill.HasField("logprob") else []
-        first = [] if reason == gen_pb.FINISH_REASON_ABORT else [prefill.first_token_id]
-        yield self._piece(state, first, logprobs, reason)
-        if reason != UNSPECIFIED or state.text.stopped:
-            return
-        if state.aborted.is_set():
-            yield self._piece(state, [], [], gen_pb.FINISH_REASON_ABORT)
-            return
-        async for piece in self._decode(state, prefill):
-            yield piece
+        namespace = self.namespace.decode() if self.pipeline_handoff else None
+        decode = DecodeCall(self.router.pick_decode(), state.request, namespace)
+        try:
+            prefill = await self._prefill(state)
+            state.cached_tokens = prefill.cached_tokens
+            reason = prefill.finish_reason
+            logprobs = [prefill.logprob] if prefill.HasField("logprob") else []
+            first = [] if reason == gen_pb.FINISH_REASON_ABORT else [prefill.first_token_id]
+            yield self._piece(state, first, logprobs, reason)
+            if reason != UNSPECIFIED or state.text.stopped:
+                return
+            if state.aborted.is_set():
+                yield self._piece(state, [], [], gen_pb.FINISH_REASON_ABORT)
+                return
+            decode.continue_after(prefill)
+            async for piece in self._follow(state, decode.call):
+                yield piece
+        except grpc.aio.AioRpcError as error:
+            if error.code() in WORKER_GONE:
+                self.router.mark_failed(decode.worker)  # until its Load answers again
+            raise
+        finally:
+            decode.close()
 
     async def _route_prompt(self, state: Running, exclude: set[Worker]) -> tuple[Worker, int]:
         """A prefill (or colocated) worker and the prompt tokens it will have to compute."""
@@ -238,32 +303,6 @@ class GatewayCore:
         finally:
             call.cancel()
             worker.outstanding_tokens -= uncached
-            worker.in_flight -= 1
-
-    async def _decode(
-        self, state: Running, prefill: worker_pb.PrefillResponse
-    ) -> AsyncIterator[gen_pb.GenerateResponse]:
-        request = state.request
-        worker = self.router.pick_decode()
-        worker.in_flight += 1
-        call = worker.stub.Decode(
-            worker_pb.DecodeRequest(
-                request_id=request.request_id,
-                prompt_token_ids=request.prompt_token_ids,
-                first_token_id=prefill.first_token_id,
-                sampling=sampling_to_pb(request.params),
-                kv=prefill.kv,
-            )
-        )
-        try:
-            async for piece in self._follow(state, call):
-                yield piece
-        except grpc.aio.AioRpcError as error:
-            if error.code() in WORKER_GONE:
-                self.router.mark_failed(worker)  # until its Load answers again
-            raise
-        finally:
-            call.cancel()
             worker.in_flight -= 1
 
     async def _follow(self, state: Running, call: Any) -> AsyncIterator[gen_pb.GenerateResponse]:

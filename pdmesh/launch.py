@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
+from engine.kv_transfer import transfer_path
 from kvstore.factory import open_store
 from pdmesh.limits import ServingLimits
 from pdmesh.mesh import Mesh, MeshConfig, start_gateway, start_worker
@@ -155,7 +156,8 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
         for name, port in mesh.metrics_ports.items():
             print(f"pdmesh: {name} metrics on http://{config.host}:{port}/metrics", flush=True)
         print(
-            f"pdmesh: gateway listening on {mesh.gateway_address} (store: {config.store})",
+            f"pdmesh: gateway listening on {mesh.gateway_address} (store: {config.store}, "
+            f"hand-off path: {transfer_path(mesh.store)})",
             flush=True,
         )
         await _until_signal(mesh.stop)
@@ -186,6 +188,14 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig, security: Security
         )
     metrics_port = resolve_metrics_port(args.metrics_port, args.port)
     limits = limits_from(args)
+    if args.role in ("prefill", "decode") and args.store == "embedded":
+        # The embedded store lives in one process: a worker alone in its own could hand off
+        # to no one. `pdmesh up` is the in-process layout.
+        raise ValueError(
+            f"a {args.role} worker in its own process needs a store shared with the others: "
+            "--store redis+shm://HOST:PORT/DB (same host, shared memory) or "
+            "redis://HOST:PORT/DB (any host)"
+        )
 
     async def main() -> None:
         store = open_store(args.store, args.store_capacity_blocks)

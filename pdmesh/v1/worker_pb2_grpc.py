@@ -203,7 +203,7 @@ class DecodeWorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Decode = channel.unary_stream(
+        self.Decode = channel.stream_stream(
                 '/pdmesh.v1.DecodeWorker/Decode',
                 request_serializer=pdmesh_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
@@ -225,8 +225,12 @@ class DecodeWorkerServicer:
     into its own paged cache and decodes with continuous batching.
     """
 
-    def Decode(self, request, context):
-        """Streams a request's tokens after the first; ends when the request finishes.
+    def Decode(self, request_iterator, context):
+        """Streams a request's tokens after the first; ends when the request finishes. The caller
+        sends one DecodeRequest with the first token, or (pipelined hand-off) one without it as
+        soon as the prefill starts, so the worker pulls the prompt's blocks while they are being
+        computed, and then a second one with the first token and the prefill's KVHandoff.
+        Cancelling the call ends the request and frees its blocks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -249,7 +253,7 @@ class DecodeWorkerServicer:
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Decode': grpc.unary_stream_rpc_method_handler(
+            'Decode': grpc.stream_stream_rpc_method_handler(
                     servicer.Decode,
                     request_deserializer=pdmesh_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
@@ -278,7 +282,7 @@ class DecodeWorker:
     """
 
     @staticmethod
-    def Decode(request,
+    def Decode(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -288,8 +292,8 @@ class DecodeWorker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/pdmesh.v1.DecodeWorker/Decode',
             pdmesh_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
