@@ -135,6 +135,11 @@ class ModelRunner:
         if wait and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def wait_device(self) -> None:
+        """Returns once the device has run everything queued so far (no-op on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _bytes_per_stored_block(self) -> int:
         """A stored block holds every KV head (whatever this rank's share)."""
         layer = self.attention_layers[0]
