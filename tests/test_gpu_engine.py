@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import EngineConfig
+from engine.config import CacheConfig, EngineConfig
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from tests.test_tiny_models import random_prompts
@@ -108,10 +108,11 @@ def test_kv_blocks_round_trip_through_pinned_staging(tmp_path: Path) -> None:
     from engine.model_runner import STAGING_ROWS
 
     directory = save_tiny_model("llama3", tmp_path)
-    llm = LLM(EngineConfig(model=str(directory), device="cuda", dtype="bfloat16"))
+    count = STAGING_ROWS + 8
+    cache = CacheConfig(num_blocks=2 * count + 1)  # not sized from free memory: other tests
+    llm = LLM(EngineConfig(model=str(directory), device="cuda", dtype="bfloat16", cache=cache))
     runner = llm.engine.runner
     assert runner.staging is not None and runner.staging.is_pinned
-    count = STAGING_ROWS + 8
     for layer in runner.attention_layers:
         layer.k_cache.normal_()
         layer.v_cache.normal_()
