@@ -157,4 +157,5 @@ def test_an_unreachable_store_maps_to_grpc_unavailable() -> None:
     from pdmesh.rpc import status_for
 
     code, message = status_for(StoreUnavailableError("KV store index is unreachable"))
-    assert (code, message) == (grpc.StatusCode.UNAVAILABLE, "KV store index is unreachable")
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert message == "KV store unavailable: KV store index is unreachable"
