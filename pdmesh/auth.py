@@ -69,7 +69,9 @@ def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.R
         return grpc.unary_stream_rpc_method_handler(stream, **serialization)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary, **serialization)
-    raise ValueError(f"{method}: no client-streaming method needs authentication")
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(stream, **serialization)
+    raise ValueError(f"{method}: no client-streaming-only method needs authentication")
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -150,6 +152,13 @@ class _AttachToStream(_AttachToken, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(details), request)
 
 
+class _AttachToBidi(_AttachToken, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, requests: Any
+    ) -> Any:
+        return await continuation(self._details(details), requests)
+
+
 def worker_channel(
     address: str, options: ChannelOptions, security: SecurityConfig
 ) -> grpc.aio.Channel:
@@ -163,6 +172,7 @@ def worker_channel(
     interceptors: list[grpc.aio.ClientInterceptor] = [
         _AttachToUnary(secret),
         _AttachToStream(secret),
+        _AttachToBidi(secret),
         *client_interceptors(),  # and the request id
     ]
     credentials = security.mesh_channel_credentials()

@@ -138,6 +138,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_stream:  # the id comes from the header (the messages are a stream)
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream(method, handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return handler
 
     def _begin(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> float:
@@ -234,8 +240,17 @@ class RequestIdUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(_with_request_id(client_call_details), request)
 
 
+class RequestIdStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    """Outgoing bidirectional calls (the pipelined Decode) carry the request id too."""
+
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, requests: Any
+    ) -> Any:
+        return await continuation(_with_request_id(client_call_details), requests)
+
+
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    return [RequestIdUnaryUnary(), RequestIdUnaryStream()]
+    return [RequestIdUnaryUnary(), RequestIdUnaryStream(), RequestIdStreamStream()]
 
 
 def finish_status(reason: int, default: str) -> str:

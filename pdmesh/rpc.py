@@ -123,6 +123,19 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
     return wrapped
 
 
+def _wrap_bidi(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in behavior(requests, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:
+            await _abort_with(context, error)
+
+    return wrapped
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Every handler's exceptions become status codes through ``status_for``; a request that
     does not parse, or is larger than ``max_request_bytes``, gets INVALID_ARGUMENT."""
@@ -149,6 +162,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream),
                 request_deserializer=parse,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:  # internal calls only (Decode): their messages are ours
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_bidi(handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
