@@ -153,7 +153,7 @@ def worker_calls(channel: grpc.Channel, role: str) -> dict[str, Callable[[Any], 
         stub = worker_grpc.DecodeWorkerStub(channel)
         decode = worker_pb.DecodeRequest(request_id="auth-probe", prompt_token_ids=[1, 2, 3])
         work = lambda metadata: list(  # noqa: E731
-            stub.Decode(decode, metadata=metadata, timeout=30)
+            stub.Decode(iter([decode]), metadata=metadata, timeout=30)  # a bidirectional call
         )
     return {
         "Load": lambda metadata: stub.Load(worker_pb.LoadRequest(), metadata=metadata, timeout=10),

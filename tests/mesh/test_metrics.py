@@ -105,7 +105,10 @@ def test_each_service_counts_a_known_workload_exactly(mesh: MeshThread) -> None:
     get = {"path": "embedded", "direction": "get"}
     assert delta(*decode, "pdmesh_rpc_requests_total", method="Decode", code="OK") == 10
     assert delta(*decode, "pdmesh_kv_transfer_blocks_total", **get) == 2 * NUM_REQUESTS
-    assert delta(*decode, "pdmesh_kv_transfer_seconds_count", **get) == NUM_REQUESTS
+    # The pipelined hand-off pulls a request's blocks in one or more gets (as the prefill
+    # publishes them): at least one get per request, never more gets than blocks.
+    gets = delta(*decode, "pdmesh_kv_transfer_seconds_count", **get)
+    assert NUM_REQUESTS <= gets <= 2 * NUM_REQUESTS
     # Every byte the prefill worker published for these requests is what the decode pulled.
     put_bytes = delta(*prefill, "pdmesh_kv_transfer_bytes_total", **put)
     assert put_bytes > 0
