@@ -4,9 +4,11 @@ the load generator's loop stays its own), or an address given by the user."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from pdmesh.mesh import Mesh, MeshConfig
 
@@ -36,3 +38,11 @@ def serving(target: str | None, config: MeshConfig) -> Iterator[str]:
         yield mesh.mesh.gateway_address
     finally:
         mesh.close()
+
+
+def recorded_config(config: MeshConfig) -> dict[str, Any]:
+    """The mesh's layout for a results file: everything but its security settings, which
+    hold keys and the secret (never written anywhere)."""
+    layout = dataclasses.asdict(config)
+    del layout["security"]
+    return layout

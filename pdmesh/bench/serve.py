@@ -24,7 +24,7 @@ from engine.config import EngineConfig
 from pdmesh.bench import plots
 from pdmesh.bench.arrivals import arrival_offsets
 from pdmesh.bench.env import environment, write_json
-from pdmesh.bench.meshes import serving
+from pdmesh.bench.meshes import recorded_config, serving
 from pdmesh.bench.runner import LoadShape, run_load
 from pdmesh.bench.stats import SLO, RequestResult, report
 from pdmesh.bench.workload import DISTRIBUTIONS, BenchRequest, WorkloadSpec, make_workload
@@ -212,7 +212,7 @@ def main(args: argparse.Namespace) -> int:
             "benchmark": "serve",
             **environment(getattr(args, "argv", None)),
             "target": args.target or f"in-process {args.mesh} mesh",
-            "mesh": None if args.target else dataclasses.asdict(config),
+            "mesh": None if args.target else recorded_config(config),
             "model": info.model,
             "workload": dataclasses.asdict(spec),
             "plots": files,

@@ -16,7 +16,7 @@ from typing import Any
 
 from pdmesh.bench import plots
 from pdmesh.bench.env import environment, write_json
-from pdmesh.bench.meshes import serving
+from pdmesh.bench.meshes import recorded_config, serving
 from pdmesh.bench.serve import (
     add_output_args,
     add_slo_args,
@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
             model = info.model
             requests = make_workload(spec, info.vocab_size, info.max_model_len)
             series[name] = run_points(target, requests, args, name)
-        layouts[name] = dataclasses.asdict(config)
+        layouts[name] = recorded_config(config)
     stem, folder = output_stem(args, "sweep"), plot_dir(args)
     title = f"{model}, {args.workers} workers: colocated vs disaggregated ({slo_title(args)})"
     files = []

@@ -79,3 +79,19 @@ def test_ghz_script_explains_how_to_install_ghz_when_missing() -> None:
     if run.returncode != 127:
         pytest.skip("ghz is installed here")
     assert "go install github.com/bojand/ghz/cmd/ghz@latest" in run.stderr
+
+
+def test_results_record_the_mesh_layout_without_secrets() -> None:
+    import json
+
+    from pdmesh.bench.meshes import recorded_config
+    from pdmesh.mesh import MeshConfig
+    from pdmesh.security import SecurityConfig
+
+    secret = "a-mesh-secret-of-forty-characters-012345"
+    config = MeshConfig(
+        security=SecurityConfig(api_keys=frozenset({"sk-key-0123456789"}), mesh_secret=secret)
+    )
+    written = json.dumps(recorded_config(config))  # serializable: frozensets are gone
+    assert "security" not in written and secret not in written and "sk-key" not in written
+    assert json.loads(written)["num_prefill"] == 1
