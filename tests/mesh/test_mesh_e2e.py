@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -50,10 +51,19 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[MeshThread]:
         stop_redis(redis)
 
 
-def test_greedy_outputs_match_engine_and_hugging_face(
-    mesh: MeshThread, smol_llm: LLM, hf_smol: torch.nn.Module
-) -> None:
+@pytest.fixture(scope="module")
+def references(smol_llm: LLM, hf_smol: torch.nn.Module) -> tuple[list[Any], dict[int, list[int]]]:
+    """The engine's outputs for PROMPTS and HF's for two of them, computed once for both
+    stores."""
     expected = smol_llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+    hf = {i: hf_greedy(hf_smol, smol_llm.encode(PROMPTS[i]), NEW_TOKENS) for i in (0, 3)}
+    return expected, hf
+
+
+def test_greedy_outputs_match_engine_and_hugging_face(
+    mesh: MeshThread, references: tuple[list[Any], dict[int, list[int]]]
+) -> None:
+    expected, hf_outputs = references
     results: dict[int, gen_pb.GenerateResponse] = {}
 
     def run(index: int) -> None:
@@ -71,9 +81,8 @@ def test_greedy_outputs_match_engine_and_hugging_face(
         assert got.text == want.text
         assert got.usage.completion_tokens == len(want.token_ids)
         assert got.finish_reason in (gen_pb.FINISH_REASON_STOP, gen_pb.FINISH_REASON_LENGTH)
-    for index in (0, 3):  # and directly against Hugging Face
-        ids = smol_llm.encode(PROMPTS[index])
-        assert list(results[index].token_ids) == hf_greedy(hf_smol, ids, NEW_TOKENS)
+    for index, hf_tokens in hf_outputs.items():  # and directly against Hugging Face
+        assert list(results[index].token_ids) == hf_tokens
     mesh.wait_idle()
     assert mesh.is_idle()
 
