@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from pdmesh.request_log import client_interceptors
-from pdmesh.rpc import UnauthenticatedError
+from pdmesh.rpc import UnauthenticatedError, wrap_handler
 from pdmesh.security import AUTHORIZATION, SecurityConfig
 
 logger = logging.getLogger(__name__)
@@ -61,17 +61,7 @@ def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.R
         raise refuse(context)
         yield  # an async generator, like the handler it replaces
 
-    serialization = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream, **serialization)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **serialization)
-    if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(stream, **serialization)
-    raise ValueError(f"{method}: no client-streaming-only method needs authentication")
+    return wrap_handler(handler, lambda _: unary, lambda _: stream)
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime
+import functools
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from pdmesh.rpc import wrap_handler
 from pdmesh.v1 import generation_pb2 as gen_pb
 
 if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
@@ -126,25 +128,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream:  # the id comes from the header (the messages are a stream)
-            return grpc.stream_stream_rpc_method_handler(
-                self._stream(method, handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        # A bidirectional call's id comes from the header (its messages are a stream).
+        return wrap_handler(
+            handler,
+            functools.partial(self._unary, method),
+            functools.partial(self._stream, method),
+        )
 
     def _begin(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> float:
         metadata = context.invocation_metadata()

@@ -123,17 +123,34 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
     return wrapped
 
 
-def _wrap_bidi(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async for item in behavior(requests, context):
-                yield item
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as error:
-            await _abort_with(context, error)
-
-    return wrapped
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Callable[..., Any]], Callable[..., Any]],
+    stream: Callable[[Callable[..., Any]], Callable[..., Any]],
+    parse: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its behavior wrapped: ``unary`` for unary responses, ``stream`` for
+    streamed ones (server- or bidirectional). ``parse`` replaces the request deserializer of
+    single-request methods (streamed requests are internal calls: their messages are ours)."""
+    serializer = handler.response_serializer
+    single = parse or handler.request_deserializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary), request_deserializer=single, response_serializer=serializer
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            stream(handler.unary_stream),
+            request_deserializer=single,
+            response_serializer=serializer,
+        )
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(
+            stream(handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=serializer,
+        )
+    raise ValueError(f"no client-streaming-only method is served here: {handler}")
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -152,25 +169,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         parse = _tolerant(handler.request_deserializer, self.max_request_bytes)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary),
-                request_deserializer=parse,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream),
-                request_deserializer=parse,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream:  # internal calls only (Decode): their messages are ours
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_bidi(handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return wrap_handler(handler, _wrap_unary, _wrap_stream, parse)
 
 
 class Server:
