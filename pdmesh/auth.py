@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from pdmesh.request_log import client_interceptors
-from pdmesh.rpc import UnauthenticatedError, wrap_handler
+from pdmesh.rpc import UnauthenticatedError, details_interceptors, with_metadata, wrap_handler
 from pdmesh.security import AUTHORIZATION, SecurityConfig
 
 logger = logging.getLogger(__name__)
@@ -113,42 +113,6 @@ def worker_interceptors(security: SecurityConfig) -> list[grpc.aio.ServerInterce
     return [BearerAuthInterceptor(frozenset([security.mesh_secret]), "mesh secret")]
 
 
-class _AttachToken:
-    """Adds ``authorization: Bearer TOKEN`` to a call's metadata."""
-
-    def __init__(self, token: str) -> None:
-        self._metadata = bearer_metadata(token)
-
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *self._metadata)
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
-
-# grpc.aio files an interceptor under the first call kind it implements only, so each kind
-# gets its own class.
-class _AttachToUnary(_AttachToken, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(
-        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(self._details(details), request)
-
-
-class _AttachToStream(_AttachToken, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(
-        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(self._details(details), request)
-
-
-class _AttachToBidi(_AttachToken, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(
-        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, requests: Any
-    ) -> Any:
-        return await continuation(self._details(details), requests)
-
-
 def worker_channel(
     address: str, options: ChannelOptions, security: SecurityConfig
 ) -> grpc.aio.Channel:
@@ -159,10 +123,9 @@ def worker_channel(
             "PDMESH_MESH_SECRET_FILE"
         )
     secret = security.mesh_secret
-    interceptors: list[grpc.aio.ClientInterceptor] = [
-        _AttachToUnary(secret),
-        _AttachToStream(secret),
-        _AttachToBidi(secret),
+    secret_entries = bearer_metadata(secret)
+    interceptors = [
+        *details_interceptors(lambda details: with_metadata(details, secret_entries)),
         *client_interceptors(),  # and the request id
     ]
     credentials = security.mesh_channel_credentials()

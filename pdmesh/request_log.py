@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from pdmesh.rpc import wrap_handler
+from pdmesh.rpc import details_interceptors, with_metadata, wrap_handler
 from pdmesh.v1 import generation_pb2 as gen_pb
 
 if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
@@ -202,44 +202,12 @@ def _is_cancel(error: BaseException) -> bool:
 
 def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
     request_id = current_request_id.get()
-    if request_id is None:
-        return details
-    metadata = grpc.aio.Metadata(*(details.metadata or ()))
-    metadata[HEADER] = request_id
-    return grpc.aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-    )
-
-
-class RequestIdUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    """Outgoing unary calls carry the current request id in ``x-request-id``."""
-
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(_with_request_id(client_call_details), request)
-
-
-class RequestIdUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    """Outgoing server-streaming calls carry the current request id in ``x-request-id``."""
-
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(_with_request_id(client_call_details), request)
-
-
-class RequestIdStreamStream(grpc.aio.StreamStreamClientInterceptor):
-    """Outgoing bidirectional calls (the pipelined Decode) carry the request id too."""
-
-    async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, requests: Any
-    ) -> Any:
-        return await continuation(_with_request_id(client_call_details), requests)
+    return details if request_id is None else with_metadata(details, [(HEADER, request_id)])
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    return [RequestIdUnaryUnary(), RequestIdUnaryStream(), RequestIdStreamStream()]
+    """Outgoing calls of every kind carry the current request id in ``x-request-id``."""
+    return details_interceptors(_with_request_id)
 
 
 def finish_status(reason: int, default: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -121,6 +121,56 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
             await _abort_with(context, error)
 
     return wrapped
+
+
+CallDetails: TypeAlias = grpc.aio.ClientCallDetails
+
+
+def with_metadata(details: CallDetails, extra: Sequence[tuple[str, str]]) -> CallDetails:
+    """``details`` with ``extra`` metadata entries added."""
+    metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *extra)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+# grpc.aio files a client interceptor under the first call kind it implements only, so each
+# kind has its own class; all three apply one change to the call's details.
+class _DetailsUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, change: Callable[[CallDetails], CallDetails]) -> None:
+        self.change = change
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: CallDetails, request: Any
+    ) -> Any:
+        return await continuation(self.change(details), request)
+
+
+class _DetailsStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, change: Callable[[CallDetails], CallDetails]) -> None:
+        self.change = change
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: CallDetails, request: Any
+    ) -> Any:
+        return await continuation(self.change(details), request)
+
+
+class _DetailsBidi(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, change: Callable[[CallDetails], CallDetails]) -> None:
+        self.change = change
+
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: CallDetails, requests: Any
+    ) -> Any:
+        return await continuation(self.change(details), requests)
+
+
+def details_interceptors(
+    change: Callable[[CallDetails], CallDetails],
+) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that apply ``change`` to every call's details, of every kind."""
+    return [_DetailsUnary(change), _DetailsStream(change), _DetailsBidi(change)]
 
 
 def wrap_handler(
