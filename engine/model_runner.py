@@ -110,7 +110,7 @@ class ModelRunner:
         #: Pinned host rows KV blocks travel through between the store and a GPU cache.
         self.staging = (
             PinnedStaging(self._bytes_per_stored_block(), STAGING_ROWS, self.device)
-            if self.device.type == "cuda"
+            if self.device.type == "cuda" and tp.rank == 0  # followers never touch the store
             else None
         )
         self.sampler = Sampler()
