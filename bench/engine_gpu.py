@@ -37,15 +37,21 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def hf_config(layers: int) -> Any:
+# Llama-3.1 shapes: hidden size, MLP size, attention heads (8 KV heads in both), layers.
+SHAPES = {"8b": (4096, 14336, 32, 32), "70b": (8192, 28672, 64, 80)}
+
+
+def hf_config(layers: int | None = None, shape: str = "8b") -> Any:
+    """A Llama-3.1 config of ``shape`` (its own layer count unless ``layers``)."""
     from transformers import LlamaConfig
 
+    hidden, intermediate, heads, num_layers = SHAPES[shape]
     return LlamaConfig(  # type: ignore[call-arg]
         vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers or num_layers,
+        num_attention_heads=heads,
         num_key_value_heads=8,
         max_position_embeddings=131072,
         rope_theta=500000.0,

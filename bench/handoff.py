@@ -45,6 +45,7 @@ from bench.common import environment, write_json
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.engine import Engine
 from engine.kv_transfer import KVTransfer
+from engine.lane_transfer import open_lane
 from engine.prefetch import Prefetcher
 from engine.sampling_params import SamplingParams
 from kvstore.base import KVStore
@@ -93,11 +94,17 @@ class Bench:
         self.vocab = self.prefill.model_config.vocab_size
         self.count = 0
 
-    def use_store(self, store: KVStore) -> KVTransfer:
+    def use_store(self, store: KVStore, lane_mib: int) -> KVTransfer:
+        """Joins the engines through ``store``, and through a device lane of ``lane_mib``
+        (0: none, every block through the store)."""
         namespace = self.prefill.block_manager.namespace
-        self.prefill.kv = KVTransfer(store, self.prefill.runner, namespace)
+        for engine in (self.prefill, self.decode):
+            if engine.kv is not None and engine.kv.lane is not None:
+                engine.kv.lane.close()
+            lane = open_lane(store, engine.runner, lane_mib, engine is self.prefill)
+            engine.kv = KVTransfer(store, engine.runner, namespace, lane)
         decode = self.decode
-        decode.kv = KVTransfer(store, decode.runner, namespace)
+        assert decode.kv is not None
         decode.prefetcher = Prefetcher(decode.kv, decode.block_manager, decode.scheduler)
         return decode.kv
 
@@ -219,23 +226,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         store, process = start_store(name, 4 * (max_len // 16 + 32))
         try:
-            kv = bench.use_store(store)
-            for length in args.lengths:
-                row = {
-                    "store": name,
-                    "path": kv.path,
-                    **measure(bench, length, alone[length], args.repeats),
-                }
-                results.append(row)
-                print(
-                    f"{name:10s} {length:5d} tokens: prefill {row['prefill_s'] * 1e3:8.1f} ms; "
-                    f"hand-off sequential {row['sequential_overhead']:6.1%}, "
-                    f"pipelined {row['pipelined_overhead']:6.1%} "
-                    f"(wall {row['pipelined_wall_overhead']:+6.1%}; "
-                    f"{row['blocks_pulled_during_prefill']} of {row['num_blocks']} blocks "
-                    "pulled during the prefill)",
-                    flush=True,
-                )
+            for lane_mib in args.lane_mib:
+                kv = bench.use_store(store, lane_mib)
+                path = "device-lane" if kv.lane else kv.path
+                for length in args.lengths:
+                    row = {
+                        "store": name,
+                        "path": path,
+                        "lane_mib": lane_mib,
+                        **measure(bench, length, alone[length], args.repeats),
+                    }
+                    results.append(row)
+                    report(row)
         finally:
             store.close()
             if process is not None:
@@ -251,6 +253,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def report(row: dict[str, Any]) -> None:
+    print(
+        f"{row['store']:10s} {row['path']:12s} {row['prompt_tokens']:5d} tokens: "
+        f"prefill {row['prefill_s'] * 1e3:8.1f} ms; "
+        f"hand-off sequential {row['sequential_overhead']:6.1%}, "
+        f"pipelined {row['pipelined_overhead']:6.1%} "
+        f"(wall {row['pipelined_wall_overhead']:+6.1%}; "
+        f"{row['blocks_pulled_during_prefill']} of {row['num_blocks']} blocks "
+        "pulled during the prefill)",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -261,6 +276,12 @@ def main() -> None:
     parser.add_argument(
         "--chunk", type=int, help="prefill tokens per iteration (default: cpu 512, cuda 2048)"
     )
+    parser.add_argument(
+        "--lane-mib",
+        type=int,
+        nargs="+",
+        help="device lane sizes to compare, 0 = through the store (default: cuda 2048 0, cpu 0)",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dummy", action="store_true", help="the Llama-8B shape on the CPU too")
     parser.add_argument("--layers", type=int, default=32, help="of the Llama-8B shape")
@@ -268,6 +289,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.chunk is None:
         args.chunk = 2048 if args.device == "cuda" else 512
+    if args.lane_mib is None:
+        args.lane_mib = [2048, 0] if args.device == "cuda" else [0]
     if args.lengths is None:
         args.lengths = [1024, 8192] if args.device == "cuda" else [1024, 7168]
     result = run(args)

@@ -1,10 +1,13 @@
-"""Decode step time of the Llama-3.1-8B shape (random bf16 weights) with tensor parallelism
-1 and 2 on one host, in one run.
+"""Decode step time of a Llama-3.1 shape (random bf16 weights) with tensor parallelism on
+one host, in one run.
 
-    python -m bench.tp_gpu [--tp 1 2] [--batches 1 64] [--steps 64] [--out results.json]
+    python -m bench.tp_gpu [--shape 8b|70b] [--tp 1 2] [--batches 1 64] [--steps 64]
+                           [--tp-graphs] [--out results.json]
 
-Each TP size is measured eagerly, TP=1 with CUDA graphs, and with ``--tp-graphs`` TP>1 with
-CUDA graphs too (NCCL all-reduces captured; the serving default).
+8B: each TP size is measured eagerly, TP=1 with CUDA graphs, and with ``--tp-graphs`` TP>1
+with CUDA graphs too (NCCL all-reduces captured; the serving default). 70B (131 GiB of
+weights: more than an H100 holds, nearly all of an H200): only the TP sizes asked for, with
+CUDA graphs, plus the greedy tokens of one request as a check that it serves.
 """
 
 from __future__ import annotations
@@ -42,7 +45,16 @@ def decode_ms(engine: Engine, batch: int, steps: int) -> float:
     return elapsed
 
 
+def engine_tokens(engine: Engine, prompt: list[int], params: SamplingParams) -> list[int]:
+    request_id = engine.add_request(prompt, params)
+    tokens: list[int] = []
+    while engine.has_unfinished:
+        tokens += [t for o in engine.step() if o.request_id == request_id for t in o.new_token_ids]
+    return tokens
+
+
 def measure(directory: str, tp: int, eager: bool, batches: list[int], steps: int) -> dict[str, Any]:
+    torch.cuda.reset_peak_memory_stats()
     engine = Engine(
         EngineConfig(
             model=directory,
@@ -57,7 +69,13 @@ def measure(directory: str, tp: int, eager: bool, batches: list[int], steps: int
         )
     )
     try:
-        row: dict[str, Any] = {"tp": tp, "cuda_graphs": not eager}
+        row: dict[str, Any] = {
+            "tp": tp,
+            "cuda_graphs": not eager,
+            "rank0_gib_after_load": torch.cuda.memory_allocated() / 2**30,
+        }
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        row["greedy_tokens"] = engine_tokens(engine, prompts(1, 32, 128256)[0], params)
         for batch in batches:
             row[f"batch_{batch}_ms_per_step"] = decode_ms(engine, batch, steps)
         print(json.dumps(row), flush=True)
@@ -71,6 +89,7 @@ def measure(directory: str, tp: int, eager: bool, batches: list[int], steps: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", choices=["8b", "70b"], default="8b")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--steps", type=int, default=64)
@@ -81,11 +100,14 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        hf_config(32).save_pretrained(directory)
-        rows.append(measure(directory, 1, False, args.batches, args.steps))
-        for tp in args.tp:
+        hf_config(shape=args.shape).save_pretrained(directory)
+        if args.shape == "70b":
+            rows += [measure(directory, tp, False, args.batches, args.steps) for tp in args.tp]
+        else:
+            rows.append(measure(directory, 1, False, args.batches, args.steps))
+        for tp in args.tp if args.shape == "8b" else []:
             rows.append(measure(directory, tp, True, args.batches, args.steps))
-        if args.tp_graphs:
+        if args.tp_graphs and args.shape == "8b":
             for tp in (t for t in args.tp if t > 1):
                 rows.append(measure(directory, tp, False, args.batches, args.steps))
     scaling = {}
@@ -99,7 +121,13 @@ def main() -> None:
     print(json.dumps(scaling))
     write_json(
         args.out,
-        {**environment(), "gpus": torch.cuda.device_count(), "rows": rows, "scaling": scaling},
+        {
+            **environment(),
+            "gpus": torch.cuda.device_count(),
+            "shape": f"llama-3.1-{args.shape}, random bf16",
+            "rows": rows,
+            "scaling": scaling,
+        },
     )
 
 

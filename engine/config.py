@@ -116,12 +116,18 @@ class CacheConfig:
     num_blocks: int | None = None
     #: Reuse full blocks whose token prefix is already cached (hash chain over token ids).
     enable_prefix_caching: bool = True
+    #: Device memory a prefill worker keeps for the hand-off lane (``kvstore.device_lane``:
+    #: decode workers of the host copy fresh blocks device to device); 0 turns the lane
+    #: off, None picks 2 GiB (at most 1/32 of the device) on CUDA and no lane on the CPU.
+    handoff_lane_mib: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.handoff_lane_mib is not None and self.handoff_lane_mib < 0:
+            raise ValueError(f"handoff_lane_mib must be >= 0, got {self.handoff_lane_mib}")
 
 
 @dataclass(frozen=True)

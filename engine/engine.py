@@ -16,6 +16,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, WorkerLostError
 from engine.kv_transfer import KVTransfer
+from engine.lane_transfer import open_lane
 from engine.model_runner import DeviceTokens, ModelRunner
 from engine.model_source import ModelSource, load_model_config, resolve_model
 from engine.parallel import SINGLE
@@ -123,9 +124,10 @@ class Engine:
             config.cache.enable_prefix_caching,
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.kv = (
-            KVTransfer(kv_store, self.runner, self.block_manager.namespace) if kv_store else None
-        )
+        self.kv = None
+        if kv_store is not None:
+            lane = open_lane(kv_store, self.runner, config.cache.handoff_lane_mib, publish_kv)
+            self.kv = KVTransfer(kv_store, self.runner, self.block_manager.namespace, lane)
         self.publish_kv = publish_kv and self.kv is not None
         self.prefetcher = (
             Prefetcher(self.kv, self.block_manager, self.scheduler) if self.kv else None
@@ -139,6 +141,8 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stops tensor-parallel followers; the engine is unusable afterwards."""
+        if self.kv is not None and self.kv.lane is not None:
+            self.kv.lane.close()
         if self.leader is not None:
             self.runner.release_graphs(wait=self.leader.followers_alive)
             self.leader.shutdown()

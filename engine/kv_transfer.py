@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from engine.lane_transfer import LaneTransfer
 from engine.model_runner import ModelRunner
 from engine.scheduler import BlockImport, ScheduledChunk
 from engine.sequence import Sequence
@@ -34,8 +35,18 @@ def transfer_path(store: KVStore) -> str:
 
 
 class KVTransfer:
-    def __init__(self, store: KVStore, runner: ModelRunner, namespace: bytes) -> None:
+    """``lane``: the device lane of a GPU host, which a prompt's hand-off takes ahead of the
+    store (``engine.lane_transfer``); None moves every block through the store."""
+
+    def __init__(
+        self,
+        store: KVStore,
+        runner: ModelRunner,
+        namespace: bytes,
+        lane: LaneTransfer | None = None,
+    ) -> None:
         self.store = store
+        self.lane = lane
         self.runner = runner
         self.block_size = runner.block_size
         self.namespace = namespace
@@ -75,14 +86,16 @@ class KVTransfer:
             seq.token_ids, self.block_size, self.namespace, seq.block_hashes
         )
         hashes = seq.block_hashes[start:num_full]
-        self._put(seq.request_id, seq.block_table[start:num_full], hashes)
+        self._put(seq.request_id, seq.block_table[start:num_full], hashes, handoff=True)
         seq.num_published_blocks = num_full
 
     def publish_prompt(self, seq: Sequence) -> list[BlockHash]:
         """Publishes whatever of the prompt is not yet in the store; returns every name."""
         hashes = self.prompt_hashes(seq.prompt_token_ids, seq.block_hashes)
         start = seq.num_published_blocks
-        self._put(seq.request_id, seq.block_table[start : len(hashes)], hashes[start:])
+        self._put(
+            seq.request_id, seq.block_table[start : len(hashes)], hashes[start:], handoff=True
+        )
         seq.num_published_blocks = len(hashes)
         return hashes
 
@@ -129,15 +142,40 @@ class KVTransfer:
         finally:
             self.store.release(owner)
 
-    def _put(self, owner: str, block_ids: list[int], hashes: list[BlockHash]) -> None:
-        if block_ids:
-            # Reading blocks waits for the step that computed them anyway; waiting first keeps
-            # the device's compute time out of ``publish_s`` (the transfer's own cost).
-            self.runner.wait_device()
-            start = time.perf_counter()
+    def _put(
+        self, owner: str, block_ids: list[int], hashes: list[BlockHash], handoff: bool = False
+    ) -> None:
+        """Publishes blocks; a prompt's hand-off (``handoff``) goes through the lane when
+        there is one, unpinned (the lane is not the store: its reader takes it from there)."""
+        if not block_ids:
+            return
+        # Reading blocks waits for the step that computed them anyway; waiting first keeps
+        # the device's compute time out of ``publish_s`` (the transfer's own cost).
+        self.runner.wait_device()
+        start = time.perf_counter()
+        if handoff and self.lane is not None and self.lane.can_publish(len(block_ids)):
+            self.lane.publish(block_ids, hashes)
+        else:
             data = self.runner.read_blocks(block_ids)
             self.store.put(owner, list(zip(hashes, data, strict=True)))
-            self.publish_s += time.perf_counter() - start
+        self.publish_s += time.perf_counter() - start
+
+    def match_prefix(self, hashes: list[BlockHash]) -> int:
+        """How many leading blocks of ``hashes`` the lane or the store holds."""
+        if self.lane is None:
+            return self.store.match_prefix(hashes)
+        in_lane = [slot is not None for slot in self.lane.index.lookup(hashes)] + [True]
+        count = 0
+        while count < len(hashes):
+            if in_lane[count]:
+                count += 1
+                continue
+            gap_end = in_lane.index(True, count)  # the store must hold the whole gap
+            found = self.store.match_prefix(hashes[count:gap_end])
+            count += found
+            if count < gap_end:
+                break
+        return count
 
     def stored_prefix(self, prompt: list[int]) -> list[BlockHash] | None:
         """Names of the prompt's leading full blocks that the store holds, leaving at least
@@ -161,6 +199,10 @@ class KVTransfer:
     def fill(self, owner: str, block_ids: list[int], hashes: list[BlockHash]) -> None:
         """Copies the named blocks into ``block_ids``, pinning them for ``owner``; KeyError
         if one is missing."""
-        if block_ids:
-            self.runner.write_blocks(block_ids, self.store.get(owner, hashes))
-            self.num_loaded_blocks += len(block_ids)
+        if not block_ids:
+            return
+        left = self.lane.fill(block_ids, hashes) if self.lane else range(len(hashes))
+        if left:
+            data = self.store.get(owner, [hashes[i] for i in left])
+            self.runner.write_blocks([block_ids[i] for i in left], data)
+        self.num_loaded_blocks += len(block_ids)

@@ -109,7 +109,7 @@ class ModelRunner:
         self._allocate_kv_cache()
         #: Pinned host rows KV blocks travel through between the store and a GPU cache.
         self.staging = (
-            PinnedStaging(self._bytes_per_stored_block(), STAGING_ROWS, self.device)
+            PinnedStaging(self.bytes_per_stored_block, STAGING_ROWS, self.device)
             if self.device.type == "cuda" and tp.rank == 0  # followers never touch the store
             else None
         )
@@ -140,7 +140,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _bytes_per_stored_block(self) -> int:
+    @property
+    def bytes_per_stored_block(self) -> int:
         """A stored block holds every KV head (whatever this rank's share)."""
         layer = self.attention_layers[0]
         per_token = 2 * self.model_config.num_key_value_heads * layer.head_dim
@@ -184,10 +185,7 @@ class ModelRunner:
     # stored layout is the same whatever the TP size of the writer or the reader.
     @torch.inference_mode()
     def read_blocks(self, block_ids: list[int]) -> list[bytes]:
-        if self.leader is not None:
-            self.leader.send_read(block_ids)
-        full = self.gathered_blocks(block_ids)
-        raw = full.contiguous().view(torch.uint8).reshape(len(block_ids), -1)
+        raw = self.device_rows(block_ids)
         if self.staging is None:
             return [bytes(row.numpy()) for row in raw]
         rows = self.staging.num_rows
@@ -196,6 +194,15 @@ class ModelRunner:
             for start in range(0, len(block_ids), rows)
             for data in self.staging.download(raw[start : start + rows])
         ]
+
+    @torch.inference_mode()
+    def device_rows(self, block_ids: list[int]) -> torch.Tensor:
+        """The stored form of the blocks, still on the device: (num_blocks, block bytes)
+        uint8 (every rank takes part under tensor parallelism)."""
+        if self.leader is not None:
+            self.leader.send_read(block_ids)
+        full = self.gathered_blocks(block_ids)
+        return full.contiguous().view(torch.uint8).reshape(len(block_ids), -1)
 
     def gathered_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Every KV head of the blocks (a collective under tensor parallelism: all ranks call
@@ -224,16 +231,17 @@ class ModelRunner:
     def write_blocks(self, block_ids: list[int], data: list[bytes]) -> None:
         if self.staging is None:
             raw = torch.stack([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data])
-            self._write_rows(block_ids, raw)
+            self.write_rows(block_ids, raw)
             return
         # Through pinned rows: one host copy per block, then an async copy to the device that
         # the cache writes queued after it on the same stream wait for.
         rows = self.staging.num_rows
         for start in range(0, len(block_ids), rows):
             chunk = block_ids[start : start + rows]
-            self._write_rows(chunk, self.staging.upload(data[start : start + rows]))
+            self.write_rows(chunk, self.staging.upload(data[start : start + rows]))
 
-    def _write_rows(self, block_ids: list[int], raw: torch.Tensor) -> None:
+    def write_rows(self, block_ids: list[int], raw: torch.Tensor) -> None:
+        """raw: (num_blocks, block bytes) uint8 in the stored form, on any device."""
         if self.leader is not None:
             self.leader.send_write(block_ids, raw)
         self.write_local(block_ids, raw.to(self.device))

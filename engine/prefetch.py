@@ -62,7 +62,7 @@ class Prefetcher:
         if pending.num_filled is None:
             return
         start = pending.num_filled
-        count = self.kv.store.match_prefix(pending.hashes[start:])
+        count = self.kv.match_prefix(pending.hashes[start:])
         if count == 0:
             return
         try:

@@ -17,8 +17,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvstore.block_hash import BlockHash
+
+if TYPE_CHECKING:  # torch only where a lane is used
+    from kvstore.device_lane import LaneIndex
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,11 @@ class KVStore(ABC):
             "dram", stats.num_blocks, stats.num_pinned_blocks, stats.capacity_blocks
         )
         return StoreMetrics(tiers=(tier,))
+
+    def device_lane(self) -> LaneIndex | None:
+        """The index of this store's device lane (``kvstore.device_lane``), shared by every
+        handle of the store; None where the store has none."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Releases connections or shared memory held by this handle."""

@@ -18,12 +18,16 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvstore.base import KVStore, StoreMetrics, StoreStats, TierOccupancy
 from kvstore.block_hash import BlockHash
 from kvstore.config import TierConfig
 from kvstore.disk_tier import DiskFilePlane
 from kvstore.errors import StoreFullError
+
+if TYPE_CHECKING:
+    from kvstore.device_lane import MemoryLaneIndex
 
 
 class EmbeddedKVStore(KVStore):
@@ -58,6 +62,7 @@ class EmbeddedKVStore(KVStore):
         self._counts: Counter[str] = Counter()
         self._bytes_moved: Counter[str] = Counter()
         self._disk_plane, self._own_disk_dir = self._open_disk()
+        self._lane: MemoryLaneIndex | None = None
 
     def put(self, owner: str, blocks: Sequence[tuple[BlockHash, bytes]]) -> None:
         with self._lock:
@@ -103,6 +108,14 @@ class EmbeddedKVStore(KVStore):
     def release(self, owner: str) -> None:
         with self._lock:
             self._release(owner)
+
+    def device_lane(self) -> MemoryLaneIndex:
+        with self._lock:
+            if self._lane is None:
+                from kvstore.device_lane import MemoryLaneIndex
+
+                self._lane = MemoryLaneIndex()
+            return self._lane
 
     def locate(self, block_hash: BlockHash) -> str | None:
         with self._lock:

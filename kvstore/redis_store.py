@@ -51,6 +51,7 @@ from kvstore.base import KVStore, StoreMetrics, StoreStats, TierOccupancy
 from kvstore.block_hash import BlockHash
 from kvstore.config import TierConfig
 from kvstore.data_planes import DataPlane, DataPlaneKind, SharedMemoryPlane, make_data_plane
+from kvstore.device_lane import RedisLaneIndex
 from kvstore.disk_tier import DiskFilePlane
 from kvstore.errors import StoreFullError, StoreUnavailableError
 from kvstore.peer_plane import BlockPeerServer, PeerPlane
@@ -253,6 +254,10 @@ class RedisKVStore(KVStore):
         self._check_open()
         self._drop("clear")
 
+    def device_lane(self) -> RedisLaneIndex:
+        """The lane index in this store's Redis (processes of one host share the lane)."""
+        return RedisLaneIndex(self._client, self._prefix, self._unavailable_as_store_error)
+
     def close(self) -> None:
         """Closes this handle; the last open handle of the namespace wipes it. Idempotent."""
         with self._close_lock:
@@ -452,6 +457,8 @@ class RedisKVStore(KVStore):
 
     def _drop(self, mode: str) -> None:
         dram_freed, disk_freed = self._run("drop", self._prefix, mode, self._refs, self._handle_id)
+        if mode == "clear" or not self._run_command("exists", f"{self._prefix}handles"):
+            self._run_command("delete", *RedisLaneIndex.key_names(self._prefix))
         self._plane.discard(dram_freed)
         self._free_disk(disk_freed)
 

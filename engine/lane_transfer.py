@@ -1,0 +1,140 @@
+"""Hand-off blocks through the device lane (``kvstore.device_lane``): a prefill worker
+publishes each chunk's blocks into its device arena; a decode worker of the same host copies
+them device to device, and takes from the store whatever the lane no longer holds."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+
+from engine.model_runner import ModelRunner
+from kvstore.base import KVStore
+from kvstore.block_hash import BlockHash
+from kvstore.device_lane import DeviceArena, LaneIndex, LaneSlot
+from kvstore.errors import StoreFullError
+
+logger = logging.getLogger(__name__)
+
+# Rows copied per device copy when filling (bounds the temporary buffer: 256 MiB for
+# Llama-8B-sized 2 MiB blocks).
+FILL_ROWS = 128
+DEFAULT_LANE_MIB = 2048
+
+
+class LaneTransfer:
+    """One worker's side of the lane. ``num_rows`` > 0 gives it an arena to publish into
+    (a prefill worker); every worker with a lane can read from it."""
+
+    def __init__(
+        self, index: LaneIndex, runner: ModelRunner, store: KVStore, num_rows: int = 0
+    ) -> None:
+        self.index = index
+        self.runner = runner
+        self.store = store
+        self.arena = (
+            DeviceArena(runner.bytes_per_stored_block, num_rows, runner.device)
+            if num_rows
+            else None
+        )
+        if self.arena is not None:
+            index.register(self.arena)
+        #: Blocks filled from the lane; blocks a reused row wrote to the store first.
+        self.num_filled_blocks = 0
+        self.num_demoted_blocks = 0
+
+    def can_publish(self, num_blocks: int) -> bool:
+        return self.arena is not None and 0 < num_blocks <= self.arena.num_rows
+
+    @torch.inference_mode()
+    def publish(self, block_ids: list[int], hashes: list[BlockHash]) -> None:
+        """Copies the blocks into the arena's next rows and names them for readers."""
+        arena = self.arena
+        assert arena is not None and len(block_ids) == len(hashes)
+        rows = arena.next_rows(len(block_ids))
+        self._demote_untaken(rows)
+        epochs = self.index.retire(arena.arena_id, rows)  # before the rows change
+        data = self.runner.device_rows(block_ids)  # (num_blocks, block_bytes)
+        arena.rows.index_copy_(0, torch.tensor(rows, device=arena.rows.device), data)
+        self.runner.wait_device()  # readers on other streams and processes see whole rows
+        self.index.publish(arena.arena_id, list(zip(hashes, rows, epochs, strict=True)))
+        for row, block_hash in zip(rows, hashes, strict=True):
+            arena.held[row] = block_hash
+
+    def _demote_untaken(self, rows: list[int]) -> None:
+        """Writes blocks that are about to be overwritten, which no reader took and the
+        store lacks, to the store (unpinned): a published block stays readable."""
+        arena = self.arena
+        assert arena is not None
+        held = [(row, h) for row in rows if (h := arena.held[row]) is not None]
+        if not held:
+            return
+        taken = self.index.taken(arena.arena_id, [row for row, _ in held])
+        demote = [
+            (row, h)
+            for (row, h), is_taken in zip(held, taken, strict=True)
+            if not is_taken and self.store.locate(h) is None
+        ]
+        if not demote:
+            return
+        index = torch.tensor([row for row, _ in demote], device=arena.rows.device)
+        host = arena.rows.index_select(0, index).cpu()
+        owner = f"lane-{arena.arena_id}/demote"
+        try:
+            blocks = [(h, bytes(row.numpy())) for (_, h), row in zip(demote, host, strict=True)]
+            self.store.put(owner, blocks)
+            self.num_demoted_blocks += len(demote)
+        except StoreFullError as error:
+            logger.warning("lane: dropped %d untaken blocks: %s", len(demote), error)
+        finally:
+            self.store.release(owner)
+
+    @torch.inference_mode()
+    def fill(self, block_ids: list[int], hashes: list[BlockHash]) -> list[int]:
+        """Copies every named block the lane holds into ``block_ids``; returns the positions
+        (into ``hashes``) it did not fill, for the store."""
+        by_arena: dict[str, list[tuple[int, LaneSlot]]] = defaultdict(list)
+        for position, slot in enumerate(self.index.lookup(hashes)):
+            if slot is not None:
+                by_arena[slot.arena_id].append((position, slot))
+        copied: list[tuple[int, LaneSlot]] = []
+        for arena_id, found in by_arena.items():
+            rows = self.index.arena_rows(arena_id)
+            if rows is None:  # another host's, or gone: the store has these
+                continue
+            for start in range(0, len(found), FILL_ROWS):
+                piece = found[start : start + FILL_ROWS]
+                index = torch.tensor([slot.row for _, slot in piece], device=rows.device)
+                self.runner.write_rows([block_ids[i] for i, _ in piece], rows[index])
+            copied.extend(found)
+        if copied:
+            self.runner.wait_device()  # the copies are done: did a row move on meanwhile?
+            now = self.index.epochs([slot for _, slot in copied])
+            copied = [(i, s) for (i, s), epoch in zip(copied, now, strict=True) if s.epoch == epoch]
+            self.index.mark_taken([slot for _, slot in copied])
+            self.num_filled_blocks += len(copied)
+        filled = {i for i, _ in copied}
+        return [i for i in range(len(hashes)) if i not in filled]
+
+    def close(self) -> None:
+        if self.arena is not None:
+            self.index.unregister(self.arena.arena_id)
+            self.arena.close()
+
+
+def open_lane(
+    store: KVStore, runner: ModelRunner, lane_mib: int | None, publishes: bool
+) -> LaneTransfer | None:
+    """The worker's lane, if it has one: ``lane_mib`` as ``CacheConfig.handoff_lane_mib``;
+    only a worker that ``publishes`` hand-offs (prefill) gets an arena."""
+    if lane_mib is None:  # the default: on CUDA only
+        if runner.device.type != "cuda":
+            return None
+        total = torch.cuda.get_device_properties(runner.device).total_memory
+        lane_mib = min(DEFAULT_LANE_MIB, total // 32 // 2**20)
+    index = store.device_lane() if lane_mib else None
+    if index is None:
+        return None
+    num_rows = max(1, lane_mib * 2**20 // runner.bytes_per_stored_block) if publishes else 0
+    return LaneTransfer(index, runner, store, num_rows)

@@ -1,0 +1,215 @@
+"""The device lane on the CPU (the arena is host memory here; CUDA IPC is in
+tests/test_gpu_lane.py): the index's epochs and ring reuse with exact values, and hand-offs
+between two real engines (a tiny Llama) through the lane of an embedded and of a Redis
+store, token-identical to one engine, whether blocks come from the lane, from rows demoted
+to the store, or from the store after a row moved on during the copy."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.engine import Engine, StepOutput
+from engine.lane_transfer import LaneTransfer
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from kvstore.base import KVStore
+from kvstore.block_hash import BlockHash
+from kvstore.device_lane import DeviceArena, LaneIndex, LaneSlot, MemoryLaneIndex
+from tests.tiny_models import save_tiny_model
+
+BLOCK = 8
+CHUNK = 32
+PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPT = [(7 * i + 3) % 500 for i in range(100)]  # 4 chunks: 12 full blocks + a partial one
+
+
+@pytest.fixture(params=("embedded", "redis+shm"))
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(save_tiny_model("llama3", tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir: str) -> list[int]:
+    return LLM(config(model_dir, lane_mib=None)).generate([PROMPT], PARAMS)[0].token_ids
+
+
+def config(model_dir: str, lane_mib: int | None = 1) -> EngineConfig:
+    return EngineConfig(
+        model=model_dir,
+        device="cpu",
+        cache=CacheConfig(block_size=BLOCK, handoff_lane_mib=lane_mib),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=CHUNK),
+    )
+
+
+def h(i: int) -> BlockHash:
+    return BlockHash(i.to_bytes(32, "big"))
+
+
+def lane_index(store: KVStore) -> LaneIndex:
+    index = store.device_lane()
+    assert index is not None
+    return index
+
+
+def test_epochs_fence_reused_rows_and_taken_is_per_epoch(
+    make_store: Callable[[int], KVStore],
+) -> None:
+    index = lane_index(make_store(16))
+    arena = DeviceArena(block_bytes=8, num_rows=4, device="cpu")
+    index.register(arena)
+    aid = arena.arena_id
+    assert arena.next_rows(3) == [0, 1, 2]
+    assert index.retire(aid, [0, 1, 2]) == [1, 1, 1]
+    index.publish(aid, [(h(0), 0, 1), (h(1), 1, 1), (h(2), 2, 1)])
+    assert index.lookup([h(0), h(1), h(2), h(9)]) == [
+        LaneSlot(aid, 0, 1),
+        LaneSlot(aid, 1, 1),
+        LaneSlot(aid, 2, 1),
+        None,
+    ]
+    assert index.taken(aid, [0, 1, 2]) == [False, False, False]
+    index.mark_taken([LaneSlot(aid, 0, 1)])
+    assert index.taken(aid, [0, 1, 2]) == [True, False, False]
+    assert arena.next_rows(3) == [3, 0, 1], "the ring wraps"
+    assert index.retire(aid, [3, 0, 1]) == [1, 2, 2]
+    assert index.lookup([h(0), h(1), h(2)]) == [None, None, LaneSlot(aid, 2, 1)]
+    assert index.epochs([LaneSlot(aid, 0, 1)]) == [2], "a reader of the old row sees the change"
+    assert index.taken(aid, [0]) == [False], "taken was for the row's previous block"
+    assert index.arena_rows(aid) is arena.rows, "one process: the tensor itself"
+    with pytest.raises(ValueError, match="1..4 rows"):
+        arena.next_rows(5)
+    index.unregister(aid)
+    arena.close()
+    assert index.arena_rows(aid) is None
+
+
+def prefill_until_first_token(engine: Engine, between: Callable[[], None]) -> StepOutput:
+    while True:
+        for output in engine.step():
+            if output.finish_reason is not None:
+                return output
+        between()
+
+
+def decode_all(engine: Engine) -> list[int]:
+    tokens: list[int] = []
+    while engine.has_unfinished:
+        for output in engine.step():
+            tokens += output.new_token_ids
+    return tokens
+
+
+def hand_off(prefill: Engine, decode: Engine, request_id: str, pull: bool) -> list[int]:
+    """One request prefilled by ``prefill`` and decoded by ``decode``, which pulls while
+    the prefill runs when ``pull``."""
+    prefill.add_request(PROMPT, dataclasses.replace(PARAMS, max_tokens=1), request_id)
+    decode.prefetch(PROMPT, PARAMS, request_id)
+    first = prefill_until_first_token(prefill, decode.step if pull else lambda: None)
+    assert first.kv_hashes is not None
+    decode.resume(request_id, first.new_token_ids[0], first.kv_hashes)
+    return first.new_token_ids + decode_all(decode)
+
+
+def engines(model_dir: str, store: KVStore) -> tuple[Engine, Engine]:
+    return Engine(config(model_dir), store, publish_kv=True), Engine(config(model_dir), store)
+
+
+def test_hand_off_through_the_lane_skips_the_store(
+    model_dir: str, expected: list[int], make_store: Callable[[int], KVStore]
+) -> None:
+    store = make_store(256)
+    prefill, decode = engines(model_dir, store)
+    assert prefill.kv is not None and decode.kv is not None
+    lane, reader = prefill.kv.lane, decode.kv.lane
+    assert lane is not None and lane.arena is not None and reader is not None
+    assert reader.arena is None, "only a worker that publishes has an arena"
+    assert hand_off(prefill, decode, "r", pull=True) == expected
+    assert reader.num_filled_blocks == 13, "every block, the partial one too, by the lane"
+    assert decode.kv.num_prefetched_blocks == 12, "the full ones while the prefill ran"
+    assert lane.num_demoted_blocks == 0
+    metrics = store.metrics()
+    assert metrics.bytes_moved.get("shm_write", 0) + metrics.bytes_moved.get(
+        "embedded_write", 0
+    ) == store.stats().num_blocks * prefill.runner.bytes_per_stored_block, (
+        "the store got only what the decode worker kept of the finished request"
+    )
+    assert store.stats().num_pinned_blocks == 0
+    assert prefill.block_manager.allocator.num_used == 0
+    assert decode.block_manager.allocator.num_used == 0
+
+
+def small_lane(engine: Engine, store: KVStore, num_rows: int) -> LaneTransfer:
+    assert engine.kv is not None and engine.kv.lane is not None
+    engine.kv.lane.close()
+    engine.kv.lane = LaneTransfer(lane_index(store), engine.runner, store, num_rows)
+    return engine.kv.lane
+
+
+def test_rows_reused_before_the_decode_took_them_are_demoted_to_the_store(
+    model_dir: str, expected: list[int], make_store: Callable[[int], KVStore]
+) -> None:
+    store = make_store(256)
+    prefill, decode = engines(model_dir, store)
+    lane = small_lane(prefill, store, num_rows=8)
+    # No pulls during the prefill: chunks 1 and 2 fill the 8 rows, chunk 3 reuses chunk 1's
+    # rows and the partial last block one of chunk 2's, untaken, so 5 blocks go down first.
+    assert hand_off(prefill, decode, "r", pull=False) == expected
+    assert lane.num_demoted_blocks == 5
+    assert decode.kv is not None and decode.kv.lane is not None
+    assert decode.kv.lane.num_filled_blocks == 8, "the rest came from the store"
+    # Again, with the rows of the first hand-off reused (its decode took some, not others).
+    assert hand_off(prefill, decode, "r2", pull=True) == expected
+    assert store.stats().num_pinned_blocks == 0
+
+
+class RowsMoveOnDuringCopy(MemoryLaneIndex):
+    """A lane index whose writer publishes again while a reader copies (between the copy and
+    its epoch check): the race the sequence lock is for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during_copy: Callable[[], None] | None = None
+
+    def epochs(self, slots: Sequence[LaneSlot]) -> list[int]:
+        if self.during_copy is not None:
+            action, self.during_copy = self.during_copy, None
+            action()
+        return super().epochs(slots)
+
+
+def test_blocks_whose_rows_moved_on_during_the_copy_come_from_the_store(
+    model_dir: str, expected: list[int]
+) -> None:
+    from kvstore.embedded import EmbeddedKVStore
+
+    store = EmbeddedKVStore(256)
+    index = RowsMoveOnDuringCopy()
+    store._lane = index  # this store's lane is the racing one
+    prefill, decode = engines(model_dir, store)
+    lane = small_lane(prefill, store, num_rows=13)
+    prefill.add_request(PROMPT, dataclasses.replace(PARAMS, max_tokens=1), "r")
+    decode.prefetch(PROMPT, PARAMS, "r")
+    first = prefill_until_first_token(prefill, lambda: None)
+    assert first.kv_hashes is not None
+    # The resume copies all 13 blocks; meanwhile another prompt takes 4 of their rows.
+    other = [(11 * i + 5) % 500 for i in range(32)]
+    index.during_copy = lambda: (
+        prefill.add_request(other, dataclasses.replace(PARAMS, max_tokens=1), "other"),
+        prefill_until_first_token(prefill, lambda: None),
+    )
+    decode.resume("r", first.new_token_ids[0], first.kv_hashes)
+    assert decode.kv is not None and decode.kv.lane is not None
+    assert decode.kv.lane.num_filled_blocks == 9, "4 rows moved on during the copy"
+    assert lane.num_demoted_blocks == 4, "the writer saved them first: nobody had taken them"
+    assert first.new_token_ids + decode_all(decode) == expected
+    assert store.stats().num_pinned_blocks == 0
