@@ -122,13 +122,15 @@ class Bench:
                     return output
 
     def prefill_alone(self, length: int) -> float:
-        self.prefill.publish_kv = False
+        """The prefill with no store at all (with one but not publishing, the engine would
+        keep the finished request's blocks in it)."""
+        kv, self.prefill.kv, self.prefill.publish_kv = self.prefill.kv, None, False
         try:
             start = time.perf_counter()
             self.run_prefill(self.prompt(length), f"alone-{self.count}")
             return time.perf_counter() - start
         finally:
-            self.prefill.publish_kv = True
+            self.prefill.kv, self.prefill.publish_kv = kv, True
 
     def handoff(self, length: int) -> dict[str, float]:
         """One prefill that publishes; the decode engine pulls its blocks while it runs

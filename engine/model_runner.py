@@ -173,10 +173,17 @@ class ModelRunner:
         return max(one_sequence, int(budget // self._bytes_per_block()))
 
     def _allocate_kv_cache(self) -> None:
-        for layer in self.attention_layers:
-            shape = (self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        """One tensor for every layer's K and V, so moving blocks of all layers is one
+        gather or scatter; each layer's caches are views of it."""
+        layer = self.attention_layers[0]
+        num_layers, heads = len(self.attention_layers), layer.num_kv_heads
+        self.kv_cache = torch.zeros(
+            (num_layers, 2, self.num_blocks, self.block_size, heads, layer.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )  # (layers, 2, num_blocks, block_size, local kv_heads, D)
+        for i, attn in enumerate(self.attention_layers):
+            attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
 
     # -- KV blocks to and from the shared store ------------------------------------------------
@@ -211,10 +218,8 @@ class ModelRunner:
 
     def _local_blocks(self, block_ids: list[int]) -> torch.Tensor:
         index = torch.tensor(block_ids, device=self.device)
-        layers = self.attention_layers
-        return torch.stack(
-            [torch.stack((a.k_cache[index], a.v_cache[index]), dim=1) for a in layers], dim=1
-        )  # (num_blocks, layers, 2, block_size, local kv_heads, D)
+        blocks = self.kv_cache.index_select(2, index)  # (layers, 2, n, block_size, heads, D)
+        return blocks.permute(2, 0, 1, 3, 4, 5)  # (n, layers, 2, block_size, local heads, D)
 
     def gather_heads(self, local: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -255,9 +260,7 @@ class ModelRunner:
         shard = self.tp.rank // self._kv_replicas()
         heads = blocks[..., shard * layer.num_kv_heads : (shard + 1) * layer.num_kv_heads, :]
         index = torch.tensor(block_ids, device=self.device)
-        for i, attn in enumerate(self.attention_layers):
-            attn.k_cache[index] = heads[:, i, 0]
-            attn.v_cache[index] = heads[:, i, 1]
+        self.kv_cache.index_copy_(2, index, heads.permute(1, 2, 0, 3, 4, 5))
 
     # -- one forward pass -----------------------------------------------------------------------
     def _pack(
