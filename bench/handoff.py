@@ -205,7 +205,7 @@ def start_store(name: str, capacity: int) -> tuple[KVStore, Any]:
     if name == "embedded":
         return EmbeddedKVStore(capacity), None
     from kvstore.factory import open_store  # redis-py only where Redis is used
-    from pdmesh.launch import start_local_redis
+    from kvstore.local_redis import start_local_redis
 
     process, url = start_local_redis()
     return open_store(url.replace("redis", name, 1), capacity, namespace="bench"), process

@@ -23,6 +23,9 @@ from kvstore.errors import StoreFullError
 
 logger = logging.getLogger(__name__)
 
+# Blocks looked up at once when the lane is asked how much of a prompt it holds.
+LOOKUP_WINDOW = 128
+
 
 def transfer_path(store: KVStore) -> str:
     """How blocks travel through ``store``: "in-process" (one process shares the bytes),
@@ -161,18 +164,29 @@ class KVTransfer:
         self.publish_s += time.perf_counter() - start
 
     def match_prefix(self, hashes: list[BlockHash]) -> int:
-        """How many leading blocks of ``hashes`` the lane or the store holds."""
+        """How many leading blocks of ``hashes`` the lane or the store holds (looked up a
+        window at a time: a decode worker asks this every few milliseconds)."""
         if self.lane is None:
             return self.store.match_prefix(hashes)
-        in_lane = [slot is not None for slot in self.lane.index.lookup(hashes)] + [True]
+        count = 0
+        while count < len(hashes):
+            window = hashes[count : count + LOOKUP_WINDOW]
+            found = self._match_window(window)
+            count += found
+            if found < len(window):
+                break
+        return count
+
+    def _match_window(self, hashes: list[BlockHash]) -> int:
+        assert self.lane is not None
+        in_lane = [slot is not None for slot in self.lane.reachable(hashes)] + [True]
         count = 0
         while count < len(hashes):
             if in_lane[count]:
                 count += 1
                 continue
             gap_end = in_lane.index(True, count)  # the store must hold the whole gap
-            found = self.store.match_prefix(hashes[count:gap_end])
-            count += found
+            count += self.store.match_prefix(hashes[count:gap_end])
             if count < gap_end:
                 break
         return count

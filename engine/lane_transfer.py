@@ -53,42 +53,44 @@ class LaneTransfer:
         arena = self.arena
         assert arena is not None and len(block_ids) == len(hashes)
         rows = arena.next_rows(len(block_ids))
-        self._demote_untaken(rows)
-        epochs = self.index.retire(arena.arena_id, rows)  # before the rows change
+        old = arena.contents(rows)
+        self._demote_untaken(old)
+        self.index.forget(old)  # before the rows change
         data = self.runner.device_rows(block_ids)  # (num_blocks, block_bytes)
         arena.rows.index_copy_(0, torch.tensor(rows, device=arena.rows.device), data)
         self.runner.wait_device()  # readers on other streams and processes see whole rows
-        self.index.publish(arena.arena_id, list(zip(hashes, rows, epochs, strict=True)))
-        for row, block_hash in zip(rows, hashes, strict=True):
-            arena.held[row] = block_hash
+        slots = arena.fill(rows, hashes)
+        self.index.publish(list(zip(hashes, slots, strict=True)))
 
-    def _demote_untaken(self, rows: list[int]) -> None:
+    def _demote_untaken(self, old: list[tuple[BlockHash, LaneSlot]]) -> None:
         """Writes blocks that are about to be overwritten, which no reader took and the
         store lacks, to the store (unpinned): a published block stays readable."""
         arena = self.arena
         assert arena is not None
-        held = [(row, h) for row in rows if (h := arena.held[row]) is not None]
-        if not held:
-            return
-        taken = self.index.taken(arena.arena_id, [row for row, _ in held])
+        taken = self.index.taken([slot for _, slot in old])
         demote = [
-            (row, h)
-            for (row, h), is_taken in zip(held, taken, strict=True)
+            (h, slot)
+            for (h, slot), is_taken in zip(old, taken, strict=True)
             if not is_taken and self.store.locate(h) is None
         ]
         if not demote:
             return
-        index = torch.tensor([row for row, _ in demote], device=arena.rows.device)
+        index = torch.tensor([slot.row for _, slot in demote], device=arena.rows.device)
         host = arena.rows.index_select(0, index).cpu()
         owner = f"lane-{arena.arena_id}/demote"
         try:
-            blocks = [(h, bytes(row.numpy())) for (_, h), row in zip(demote, host, strict=True)]
+            blocks = [(h, bytes(row.numpy())) for (h, _), row in zip(demote, host, strict=True)]
             self.store.put(owner, blocks)
             self.num_demoted_blocks += len(demote)
         except StoreFullError as error:
             logger.warning("lane: dropped %d untaken blocks: %s", len(demote), error)
         finally:
             self.store.release(owner)
+
+    def reachable(self, hashes: list[BlockHash]) -> list[LaneSlot | None]:
+        """Each block's slot where this process can map its arena, else None."""
+        slots = self.index.lookup(hashes)
+        return [s if s and self.index.arena_rows(s.arena_id) is not None else None for s in slots]
 
     @torch.inference_mode()
     def fill(self, block_ids: list[int], hashes: list[BlockHash]) -> list[int]:
@@ -105,17 +107,33 @@ class LaneTransfer:
                 continue
             for start in range(0, len(found), FILL_ROWS):
                 piece = found[start : start + FILL_ROWS]
-                index = torch.tensor([slot.row for _, slot in piece], device=rows.device)
-                self.runner.write_rows([block_ids[i] for i, _ in piece], rows[index])
+                data = self._copy_rows(rows, [slot.row for _, slot in piece])
+                self.runner.write_rows([block_ids[i] for i, _ in piece], data)
             copied.extend(found)
         if copied:
             self.runner.wait_device()  # the copies are done: did a row move on meanwhile?
-            now = self.index.epochs([slot for _, slot in copied])
-            copied = [(i, s) for (i, s), epoch in zip(copied, now, strict=True) if s.epoch == epoch]
+            now = self.index.lookup([hashes[i] for i, _ in copied])
+            copied = [(i, s) for (i, s), slot in zip(copied, now, strict=True) if slot == s]
             self.index.mark_taken([slot for _, slot in copied])
             self.num_filled_blocks += len(copied)
         filled = {i for i, _ in copied}
         return [i for i in range(len(hashes)) if i not in filled]
+
+    def _copy_rows(self, rows: torch.Tensor, wanted: list[int]) -> torch.Tensor:
+        """The ``wanted`` rows on this worker's device, copied run by run: a ring publishes
+        consecutive rows, so this is a few plain copies (peer copies on the copy engine when
+        the arena is on another GPU; no kernel runs on the writer's GPU)."""
+        data = torch.empty(
+            (len(wanted), rows.shape[1]), dtype=torch.uint8, device=self.runner.device
+        )  # (len(wanted), block_bytes)
+        start = 0
+        while start < len(wanted):
+            end = start + 1
+            while end < len(wanted) and wanted[end] == wanted[end - 1] + 1:
+                end += 1
+            data[start:end].copy_(rows[wanted[start] : wanted[start] + end - start])
+            start = end
+        return data
 
     def close(self) -> None:
         if self.arena is not None:

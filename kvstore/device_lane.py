@@ -11,9 +11,10 @@ computes it in a fifth of a second. The lane keeps the hand-off on the device:
 - A reader (a decode worker) looks the names up, maps the arena (the same tensor in one
   process; CUDA IPC between processes of one host) and copies the rows into its own cache:
   a device-to-device copy, or a peer copy between GPUs of one host.
-- Rows are reused in ring order. Each row has an *epoch* that the writer bumps before it
-  writes the row again; a reader checks after its copy that the epochs it read are
-  unchanged (a sequence lock), and fetches any block whose row moved on from the store.
+- Rows are reused in ring order. A slot names one write of one row (arena, row, epoch);
+  the writer drops a row's old name before it writes the row again, and a reader looks
+  its blocks up again after its copy: a block whose slot changed meanwhile (a sequence
+  lock) is fetched from the store instead.
 - A reused row whose block no reader took and the store lacks is first written to the
   store (the host tier below), so every published block stays readable somewhere.
 
@@ -39,7 +40,7 @@ import torch
 
 from kvstore.block_hash import BlockHash
 
-_KEY_NAMES = ("arena", "slot", "epoch", "taken")
+_KEY_NAMES = ("arena", "slot", "taken")
 
 # Arenas of this process by id: readers in the writer's process use the tensor itself
 # (CUDA IPC cannot map a process's own memory).
@@ -69,8 +70,11 @@ class DeviceArena:
         self.rows = torch.empty(
             (num_rows, block_bytes), dtype=torch.uint8, device=device
         )  # (num_rows, block_bytes)
-        #: The block each row holds now (None: never written).
+        #: The block each row holds now (None: never written), and the epoch it was
+        #: written in (epochs only grow, so a slot names one write of one row).
         self.held: list[BlockHash | None] = [None] * num_rows
+        self.epochs = [0] * num_rows
+        self._last_epoch = 0
         self._next = 0
         _LOCAL_ARENAS[self.arena_id] = self.rows
 
@@ -86,13 +90,31 @@ class DeviceArena:
         self._next = (self._next + count) % self.num_rows
         return rows
 
+    def contents(self, rows: Sequence[int]) -> list[tuple[BlockHash, LaneSlot]]:
+        """What the written ones among ``rows`` hold now."""
+        return [
+            (block_hash, LaneSlot(self.arena_id, row, self.epochs[row]))
+            for row in rows
+            if (block_hash := self.held[row]) is not None
+        ]
+
+    def fill(self, rows: Sequence[int], hashes: Sequence[BlockHash]) -> list[LaneSlot]:
+        """Records that ``rows`` now hold ``hashes``, in a new epoch; their slots."""
+        self._last_epoch += 1
+        for row, block_hash in zip(rows, hashes, strict=True):
+            self.held[row], self.epochs[row] = block_hash, self._last_epoch
+        return [LaneSlot(self.arena_id, row, self._last_epoch) for row in rows]
+
     def close(self) -> None:
         _LOCAL_ARENAS.pop(self.arena_id, None)
 
 
 class LaneIndex(ABC):
-    """Names of published lane blocks, shared by the writers and readers of one store.
-    Thread-safe."""
+    """Names of published lane blocks (block hash -> slot), shared by the writers and
+    readers of one store. Thread-safe.
+
+    The sequence lock: a writer ``forget``s a row's block before it writes the row again,
+    so a reader that finds the same slots after its copy as before copied whole blocks."""
 
     @abstractmethod
     def register(self, arena: DeviceArena) -> None:
@@ -107,29 +129,25 @@ class LaneIndex(ABC):
         """The arena's rows mapped into this process; None if unreachable from here."""
 
     @abstractmethod
-    def retire(self, arena_id: str, rows: Sequence[int]) -> list[int]:
-        """Before rows are written again: bumps their epochs (readers of the old contents
-        will see the change) and returns the new epochs."""
+    def publish(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> None:
+        """Names each block's slot for readers; the rows hold the data already."""
 
     @abstractmethod
-    def publish(self, arena_id: str, blocks: Sequence[tuple[BlockHash, int, int]]) -> None:
-        """Names ``(block_hash, row, epoch)`` for readers; the rows hold the data already."""
+    def forget(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> None:
+        """Drops each block's name where it is still that slot (its row is about to be
+        written again; a newer slot of the same block stays)."""
 
     @abstractmethod
     def lookup(self, hashes: Sequence[BlockHash]) -> list[LaneSlot | None]:
-        """Each block's slot, None where the lane has none (or its row moved on)."""
-
-    @abstractmethod
-    def epochs(self, slots: Sequence[LaneSlot]) -> list[int]:
-        """The current epoch of each slot's row."""
+        """Each block's slot, None where the lane has none."""
 
     @abstractmethod
     def mark_taken(self, slots: Sequence[LaneSlot]) -> None:
         """A reader copied the slots' blocks: the writer may reuse their rows freely."""
 
     @abstractmethod
-    def taken(self, arena_id: str, rows: Sequence[int]) -> list[bool]:
-        """Whether a reader took each row's current block."""
+    def taken(self, slots: Sequence[LaneSlot]) -> list[bool]:
+        """Whether a reader took each slot's block."""
 
 
 class MemoryLaneIndex(LaneIndex):
@@ -139,8 +157,7 @@ class MemoryLaneIndex(LaneIndex):
         self._lock = threading.Lock()
         self._arenas: dict[str, torch.Tensor] = {}
         self._slots: dict[BlockHash, LaneSlot] = {}
-        self._epochs: dict[tuple[str, int], int] = {}
-        self._taken: dict[tuple[str, int], int] = {}  # (arena, row) -> epoch taken
+        self._taken: set[LaneSlot] = set()
 
     def register(self, arena: DeviceArena) -> None:
         with self._lock:
@@ -150,55 +167,53 @@ class MemoryLaneIndex(LaneIndex):
         with self._lock:
             self._arenas.pop(arena_id, None)
             self._slots = {h: s for h, s in self._slots.items() if s.arena_id != arena_id}
+            self._taken = {s for s in self._taken if s.arena_id != arena_id}
 
     def arena_rows(self, arena_id: str) -> torch.Tensor | None:
         with self._lock:
             return self._arenas.get(arena_id)
 
-    def retire(self, arena_id: str, rows: Sequence[int]) -> list[int]:
+    def publish(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> None:
         with self._lock:
-            epochs = []
-            for row in rows:
-                key = (arena_id, row)
-                self._epochs[key] = self._epochs.get(key, 0) + 1
-                epochs.append(self._epochs[key])
-            return epochs
+            self._slots.update(blocks)
 
-    def publish(self, arena_id: str, blocks: Sequence[tuple[BlockHash, int, int]]) -> None:
+    def forget(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> None:
         with self._lock:
-            for block_hash, row, epoch in blocks:
-                self._slots[block_hash] = LaneSlot(arena_id, row, epoch)
+            for block_hash, slot in blocks:
+                if self._slots.get(block_hash) == slot:
+                    del self._slots[block_hash]
+                self._taken.discard(slot)
 
     def lookup(self, hashes: Sequence[BlockHash]) -> list[LaneSlot | None]:
         with self._lock:
-            found = [self._slots.get(h) for h in hashes]
-            return [
-                s if s and self._epochs.get((s.arena_id, s.row)) == s.epoch else None for s in found
-            ]
-
-    def epochs(self, slots: Sequence[LaneSlot]) -> list[int]:
-        with self._lock:
-            return [self._epochs.get((s.arena_id, s.row), 0) for s in slots]
+            return [self._slots.get(h) for h in hashes]
 
     def mark_taken(self, slots: Sequence[LaneSlot]) -> None:
         with self._lock:
-            for slot in slots:
-                self._taken[(slot.arena_id, slot.row)] = slot.epoch
+            self._taken.update(slots)
 
-    def taken(self, arena_id: str, rows: Sequence[int]) -> list[bool]:
+    def taken(self, slots: Sequence[LaneSlot]) -> list[bool]:
         with self._lock:
-            return [
-                self._taken.get((arena_id, row), -1) == self._epochs.get((arena_id, row), 0)
-                for row in rows
-            ]
+            return [slot in self._taken for slot in slots]
+
+
+# Drops hash fields of KEYS[1] whose value is still the given slot: ARGV = hash, slot, ...
+_FORGET = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return 0
+"""
 
 
 class RedisLaneIndex(LaneIndex):
     """The index in a store's Redis: processes of one host share the lane through CUDA IPC
     (an arena registered from another host is unreachable, and its blocks come from the
     store). Keys, under the store's namespace prefix: ``lane:arena`` (arena id -> its IPC
-    handle, JSON), ``lane:slot`` (block hash -> "arena:row:epoch"), ``lane:epoch`` and
-    ``lane:taken`` ("arena:row" -> epoch)."""
+    handle, JSON), ``lane:slot`` (block hash -> "arena:row:epoch") and ``lane:taken`` (the
+    same slot strings, as a set)."""
 
     def __init__(
         self,
@@ -210,6 +225,7 @@ class RedisLaneIndex(LaneIndex):
         self._keys = dict(zip(_KEY_NAMES, self.key_names(prefix), strict=True))
         #: Wraps every Redis call: the store's own error mapping (Redis gone -> unavailable).
         self._guard = guard
+        self._forget = client.register_script(_FORGET)
         self._lock = threading.Lock()
         self._mapped: dict[str, torch.Tensor | None] = {}  # arenas of other processes
 
@@ -244,52 +260,41 @@ class RedisLaneIndex(LaneIndex):
         except RuntimeError:  # no IPC between these devices, or the writer is gone
             return None
 
-    def retire(self, arena_id: str, rows: Sequence[int]) -> list[int]:
-        with self._guard():
-            pipe = self._client.pipeline(transaction=True)
-            for row in rows:
-                pipe.hincrby(self._keys["epoch"], f"{arena_id}:{row}", 1)
-            return [int(e) for e in pipe.execute()]
-
-    def publish(self, arena_id: str, blocks: Sequence[tuple[BlockHash, int, int]]) -> None:
+    def publish(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> None:
         if blocks:
-            mapping = {h.hex(): f"{arena_id}:{row}:{epoch}" for h, row, epoch in blocks}
+            mapping = {h.hex(): _format_slot(slot) for h, slot in blocks}
             self._call("hset", self._keys["slot"], mapping=mapping)
+
+    def forget(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> None:
+        if blocks:
+            args = [v for h, slot in blocks for v in (h.hex(), _format_slot(slot))]
+            with self._guard():
+                self._forget(keys=[self._keys["slot"]], args=args)
+            self._call("srem", self._keys["taken"], *(_format_slot(s) for _, s in blocks))
 
     def lookup(self, hashes: Sequence[BlockHash]) -> list[LaneSlot | None]:
         if not hashes:
             return []
         values = self._call("hmget", self._keys["slot"], [h.hex() for h in hashes])
-        slots = [_parse_slot(v) if v is not None else None for v in values]
-        present = [s for s in slots if s is not None]
-        current = iter(self.epochs(present))
-        return [s if s is not None and next(current) == s.epoch else None for s in slots]
-
-    def epochs(self, slots: Sequence[LaneSlot]) -> list[int]:
-        if not slots:
-            return []
-        values = self._call("hmget", self._keys["epoch"], [f"{s.arena_id}:{s.row}" for s in slots])
-        return [int(v or 0) for v in values]
+        return [_parse_slot(v) if v is not None else None for v in values]
 
     def mark_taken(self, slots: Sequence[LaneSlot]) -> None:
         if slots:
-            mapping = {f"{s.arena_id}:{s.row}": s.epoch for s in slots}
-            self._call("hset", self._keys["taken"], mapping=mapping)
+            self._call("sadd", self._keys["taken"], *(_format_slot(s) for s in slots))
+
+    def taken(self, slots: Sequence[LaneSlot]) -> list[bool]:
+        if not slots:
+            return []
+        found = self._call("smismember", self._keys["taken"], [_format_slot(s) for s in slots])
+        return [bool(f) for f in found]
 
     def _call(self, command: str, *args: Any, **kwargs: Any) -> Any:
         with self._guard():
             return getattr(self._client, command)(*args, **kwargs)
 
-    def taken(self, arena_id: str, rows: Sequence[int]) -> list[bool]:
-        if not rows:
-            return []
-        fields = [f"{arena_id}:{row}" for row in rows]
-        with self._guard():
-            pipe = self._client.pipeline(transaction=False)
-            pipe.hmget(self._keys["taken"], fields)
-            pipe.hmget(self._keys["epoch"], fields)
-            taken, epochs = pipe.execute()
-        return [t is not None and int(t) == int(e or 0) for t, e in zip(taken, epochs, strict=True)]
+
+def _format_slot(slot: LaneSlot) -> str:
+    return f"{slot.arena_id}:{slot.row}:{slot.epoch}"
 
 
 def _parse_slot(value: bytes) -> LaneSlot:

@@ -254,8 +254,12 @@ class RedisKVStore(KVStore):
         self._check_open()
         self._drop("clear")
 
-    def device_lane(self) -> RedisLaneIndex:
-        """The lane index in this store's Redis (processes of one host share the lane)."""
+    def device_lane(self) -> RedisLaneIndex | None:
+        """The lane index in this store's Redis, for a shared-memory store: its workers are
+        on one host by construction, where CUDA IPC reaches every arena. Stores that serve
+        other hosts have no lane (their readers could not map the arenas)."""
+        if self._plane_kind != "shm":
+            return None
         return RedisLaneIndex(self._client, self._prefix, self._unavailable_as_store_error)
 
     def close(self) -> None:

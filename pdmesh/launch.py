@@ -6,17 +6,14 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.kv_transfer import transfer_path
 from kvstore.factory import open_store
+from kvstore.local_redis import start_local_redis
 from pdmesh.limits import ServingLimits
 from pdmesh.mesh import Mesh, MeshConfig, start_gateway, start_worker
 from pdmesh.request_log import configure_logging
@@ -58,42 +55,6 @@ async def _until_signal(stop: Callable[[], Awaitable[None]]) -> None:
     await done.wait()
     print("pdmesh: draining, then stopping", flush=True)
     await stop()
-
-
-def start_local_redis() -> tuple[subprocess.Popen[bytes], str]:
-    """A private redis-server on a free loopback port, for ``--store redis`` with no URL."""
-    executable = shutil.which("redis-server")
-    if executable is None:
-        raise FileNotFoundError("--store redis needs redis-server on PATH, or give a redis:// URL")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            executable,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--loglevel",
-            "warning",
-        ],
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    import redis
-
-    for _ in range(100):
-        try:
-            redis.Redis.from_url(url).ping()
-            return process, url
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    process.terminate()
-    raise RuntimeError("redis-server did not start")
 
 
 def describe_gateway(security: SecurityConfig) -> str:

@@ -61,7 +61,7 @@ def lane_index(store: KVStore) -> LaneIndex:
     return index
 
 
-def test_epochs_fence_reused_rows_and_taken_is_per_epoch(
+def test_slots_name_one_write_of_a_row_and_forget_keeps_newer_ones(
     make_store: Callable[[int], KVStore],
 ) -> None:
     index = lane_index(make_store(16))
@@ -69,24 +69,25 @@ def test_epochs_fence_reused_rows_and_taken_is_per_epoch(
     index.register(arena)
     aid = arena.arena_id
     assert arena.next_rows(3) == [0, 1, 2]
-    assert index.retire(aid, [0, 1, 2]) == [1, 1, 1]
-    index.publish(aid, [(h(0), 0, 1), (h(1), 1, 1), (h(2), 2, 1)])
-    assert index.lookup([h(0), h(1), h(2), h(9)]) == [
-        LaneSlot(aid, 0, 1),
-        LaneSlot(aid, 1, 1),
-        LaneSlot(aid, 2, 1),
-        None,
-    ]
-    assert index.taken(aid, [0, 1, 2]) == [False, False, False]
-    index.mark_taken([LaneSlot(aid, 0, 1)])
-    assert index.taken(aid, [0, 1, 2]) == [True, False, False]
+    slots = arena.fill([0, 1, 2], [h(0), h(1), h(2)])
+    assert slots == [LaneSlot(aid, 0, 1), LaneSlot(aid, 1, 1), LaneSlot(aid, 2, 1)]
+    index.publish(list(zip([h(0), h(1), h(2)], slots, strict=True)))
+    assert index.lookup([h(0), h(1), h(2), h(9)]) == [*slots, None]
+    assert index.taken(slots) == [False, False, False]
+    index.mark_taken(slots[:1])
+    assert index.taken(slots) == [True, False, False]
     assert arena.next_rows(3) == [3, 0, 1], "the ring wraps"
-    assert index.retire(aid, [3, 0, 1]) == [1, 2, 2]
-    assert index.lookup([h(0), h(1), h(2)]) == [None, None, LaneSlot(aid, 2, 1)]
-    assert index.epochs([LaneSlot(aid, 0, 1)]) == [2], "a reader of the old row sees the change"
-    assert index.taken(aid, [0]) == [False], "taken was for the row's previous block"
+    old = arena.contents([3, 0, 1])
+    assert old == [(h(0), slots[0]), (h(1), slots[1])], "row 3 was never written"
+    elsewhere = LaneSlot("another-arena", 0, 5)
+    index.publish([(h(1), elsewhere)])  # a newer copy of block 1
+    index.forget(old)
+    assert index.lookup([h(0), h(1), h(2)]) == [None, elsewhere, slots[2]]
+    assert index.taken(slots[:1]) == [False], "a forgotten slot is not taken any more"
+    again = arena.fill([3, 0, 1], [h(3), h(4), h(5)])
+    assert again == [LaneSlot(aid, 3, 2), LaneSlot(aid, 0, 2), LaneSlot(aid, 1, 2)]
     assert index.arena_rows(aid) is arena.rows, "one process: the tensor itself"
-    with pytest.raises(ValueError, match="1..4 rows"):
+    with pytest.raises(ValueError, match=r"1\.\.4 rows"):
         arena.next_rows(5)
     index.unregister(aid)
     arena.close()
@@ -138,11 +139,10 @@ def test_hand_off_through_the_lane_skips_the_store(
     assert decode.kv.num_prefetched_blocks == 12, "the full ones while the prefill ran"
     assert lane.num_demoted_blocks == 0
     metrics = store.metrics()
-    assert metrics.bytes_moved.get("shm_write", 0) + metrics.bytes_moved.get(
-        "embedded_write", 0
-    ) == store.stats().num_blocks * prefill.runner.bytes_per_stored_block, (
-        "the store got only what the decode worker kept of the finished request"
-    )
+    assert (
+        metrics.bytes_moved.get("shm_write", 0) + metrics.bytes_moved.get("embedded_write", 0)
+        == store.stats().num_blocks * prefill.runner.bytes_per_stored_block
+    ), "the store got only what the decode worker kept of the finished request"
     assert store.stats().num_pinned_blocks == 0
     assert prefill.block_manager.allocator.num_used == 0
     assert decode.block_manager.allocator.num_used == 0
@@ -174,17 +174,24 @@ def test_rows_reused_before_the_decode_took_them_are_demoted_to_the_store(
 
 class RowsMoveOnDuringCopy(MemoryLaneIndex):
     """A lane index whose writer publishes again while a reader copies (between the copy and
-    its epoch check): the race the sequence lock is for."""
+    the lookup that checks it): the race the sequence lock is for."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.during_copy: Callable[[], None] | None = None
+        self.during_copy: Callable[[], object] | None = None
+        self._lookups_left = 0
 
-    def epochs(self, slots: Sequence[LaneSlot]) -> list[int]:
+    def arm(self, action: Callable[[], object]) -> None:
+        """Runs ``action`` at the second lookup from now (a fill's check after its copy)."""
+        self.during_copy, self._lookups_left = action, 2
+
+    def lookup(self, hashes: Sequence[BlockHash]) -> list[LaneSlot | None]:
         if self.during_copy is not None:
-            action, self.during_copy = self.during_copy, None
-            action()
-        return super().epochs(slots)
+            self._lookups_left -= 1
+            if self._lookups_left == 0:
+                action, self.during_copy = self.during_copy, None
+                action()
+        return super().lookup(hashes)
 
 
 def test_blocks_whose_rows_moved_on_during_the_copy_come_from_the_store(
@@ -203,9 +210,11 @@ def test_blocks_whose_rows_moved_on_during_the_copy_come_from_the_store(
     assert first.kv_hashes is not None
     # The resume copies all 13 blocks; meanwhile another prompt takes 4 of their rows.
     other = [(11 * i + 5) % 500 for i in range(32)]
-    index.during_copy = lambda: (
-        prefill.add_request(other, dataclasses.replace(PARAMS, max_tokens=1), "other"),
-        prefill_until_first_token(prefill, lambda: None),
+    index.arm(
+        lambda: (
+            prefill.add_request(other, dataclasses.replace(PARAMS, max_tokens=1), "other"),
+            prefill_until_first_token(prefill, lambda: None),
+        )
     )
     decode.resume("r", first.new_token_ids[0], first.kv_hashes)
     assert decode.kv is not None and decode.kv.lane is not None
