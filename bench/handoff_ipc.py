@@ -17,8 +17,11 @@ pulls every 2 ms while the prefill runs, as a decode worker does.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import multiprocessing as mp
+import os
+import pstats
 import statistics
 import time
 from multiprocessing.connection import Connection
@@ -39,24 +42,33 @@ def decode_process(conn: Connection, config: EngineConfig, spec: str, capacity: 
         torch.cuda.set_device(config.device)  # graphs and kernels on the worker's GPU
     engine = Engine(config, open_store(spec, capacity, namespace="bench"))
     conn.send("ready")
+    # PDMESH_PROFILE_PULLS=1: where the decode process's pulls spend their time.
+    profiler = cProfile.Profile() if os.environ.get("PDMESH_PROFILE_PULLS") else None
     while True:
         message = conn.recv()
         if message[0] == "stop":
+            if profiler is not None:
+                pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
             break
         _, prompt, request_id = message
         engine.prefetch(prompt, DECODE, request_id)
         while not conn.poll(PULL_INTERVAL_S):
-            engine.prefetcher.pull()  # type: ignore[union-attr]
+            if profiler is not None:
+                profiler.runcall(engine.prefetcher.pull)  # type: ignore[union-attr]
+            else:
+                engine.prefetcher.pull()  # type: ignore[union-attr]
         _, token, hashes = conn.recv()
+        received = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
         engine.resume(request_id, token, hashes)
+        resumed = time.perf_counter()
         sync(config.device)
-        done = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+        done = time.perf_counter()
         kv = engine.kv
         assert kv is not None
         assert engine.requests[request_id].num_computed_tokens == len(prompt)
         engine.abort(request_id, retain=False)
         lane_blocks = kv.lane.num_filled_blocks if kv.lane else 0
-        conn.send((done, kv.num_prefetched_blocks, lane_blocks))
+        conn.send((received, resumed, done, kv.num_prefetched_blocks, lane_blocks))
 
 
 class ProcessBench:
@@ -94,12 +106,17 @@ class ProcessBench:
         sync(self.prefill.config.device)
         first_token = time.perf_counter()
         self.conn.send(("resume", first.new_token_ids[0], first.kv_hashes))
-        done, prefetched, lane_blocks = self.conn.recv()
+        received, resumed, done, prefetched, lane_blocks = self.conn.recv()
         kv.store.release(request_id)
         publish = kv.publish_s - published_before
         return {
             "publish_s": publish,
             "after_first_token_s": done - first_token,
+            # Its parts: the message reaching the decode process, its resume (lookups,
+            # copies, store release), the wait for the device after it.
+            "message_s": received - first_token,
+            "resume_s": resumed - received,
+            "device_wait_s": done - resumed,
             "prefill_compute_s": first_token - start - publish,
             "decode_prefetched_blocks_total": prefetched,
             "decode_lane_blocks_total": lane_blocks,

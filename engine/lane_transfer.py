@@ -112,9 +112,8 @@ class LaneTransfer:
             copied.extend(found)
         if copied:
             self.runner.wait_device()  # the copies are done: did a row move on meanwhile?
-            now = self.index.lookup([hashes[i] for i, _ in copied])
-            copied = [(i, s) for (i, s), slot in zip(copied, now, strict=True) if slot == s]
-            self.index.mark_taken([slot for _, slot in copied])
+            whole = self.index.confirm([(hashes[i], slot) for i, slot in copied])
+            copied = [found for found, ok in zip(copied, whole, strict=True) if ok]
             self.num_filled_blocks += len(copied)
         filled = {i for i, _ in copied}
         return [i for i in range(len(hashes)) if i not in filled]

@@ -11,10 +11,12 @@ import hashlib
 from collections.abc import Sequence
 
 BlockHash = bytes
+#: Length of every block hash.
+HASH_BYTES = 16
 
 
 def block_hash(parent: BlockHash | None, token_ids: Sequence[int], namespace: bytes) -> BlockHash:
-    digest = hashlib.blake2b(digest_size=16, key=namespace[:64])
+    digest = hashlib.blake2b(digest_size=HASH_BYTES, key=namespace[:64])
     digest.update(parent or b"\0" * 16)
     digest.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
     return digest.digest()

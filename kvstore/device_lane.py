@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -38,7 +39,7 @@ from typing import Any
 
 import torch
 
-from kvstore.block_hash import BlockHash
+from kvstore.block_hash import HASH_BYTES, BlockHash
 
 _KEY_NAMES = ("arena", "slot", "taken")
 
@@ -142,8 +143,10 @@ class LaneIndex(ABC):
         """Each block's slot, None where the lane has none."""
 
     @abstractmethod
-    def mark_taken(self, slots: Sequence[LaneSlot]) -> None:
-        """A reader copied the slots' blocks: the writer may reuse their rows freely."""
+    def confirm(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> list[bool]:
+        """A reader copied these blocks from these slots: whether each block still has that
+        slot (its copy is whole); those that do are marked taken (the writer may reuse
+        their rows freely)."""
 
     @abstractmethod
     def taken(self, slots: Sequence[LaneSlot]) -> list[bool]:
@@ -188,32 +191,79 @@ class MemoryLaneIndex(LaneIndex):
         with self._lock:
             return [self._slots.get(h) for h in hashes]
 
-    def mark_taken(self, slots: Sequence[LaneSlot]) -> None:
+    def confirm(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> list[bool]:
         with self._lock:
-            self._taken.update(slots)
+            whole = [self._slots.get(h) == slot for h, slot in blocks]
+            self._taken.update(slot for (_, slot), ok in zip(blocks, whole, strict=True) if ok)
+            return whole
 
     def taken(self, slots: Sequence[LaneSlot]) -> list[bool]:
         with self._lock:
             return [slot in self._taken for slot in slots]
 
 
-# Drops hash fields of KEYS[1] whose value is still the given slot: ARGV = hash, slot, ...
-_FORGET = """
-for i = 1, #ARGV, 2 do
-  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-  end
+# Lane scripts take their items packed into ARGV[1] (fixed-width records: block hash of
+# ARGV[2] bytes, 28-byte slot) and answer with one string: one round trip and one argument however
+# many blocks, where an argument per block costs the client more in Python than the
+# hand-off's copies take on the device.
+_LUA_HEADER = """
+local packed, H, S = ARGV[1], tonumber(ARGV[2]), 28
+"""
+_LUA_SCRIPTS = {
+    "publish": """
+for i = 1, #packed, H + S do
+  local h, slot = string.sub(packed, i, i + H - 1), string.sub(packed, i + H, i + H + S - 1)
+  redis.call('HSET', KEYS[1], h, slot)
 end
 return 0
-"""
+""",
+    # Only where the name is still that slot (a newer slot of the block stays).
+    "forget": """
+for i = 1, #packed, H + S do
+  local h, slot = string.sub(packed, i, i + H - 1), string.sub(packed, i + H, i + H + S - 1)
+  if redis.call('HGET', KEYS[1], h) == slot then redis.call('HDEL', KEYS[1], h) end
+  redis.call('SREM', KEYS[2], slot)
+end
+return 0
+""",
+    "lookup": """
+local out, none = {}, string.rep(string.char(0), S)
+for i = 1, #packed, H do
+  out[#out + 1] = redis.call('HGET', KEYS[1], string.sub(packed, i, i + H - 1)) or none
+end
+return table.concat(out)
+""",
+    "confirm": """
+local out = {}
+for i = 1, #packed, H + S do
+  local h, slot = string.sub(packed, i, i + H - 1), string.sub(packed, i + H, i + H + S - 1)
+  if redis.call('HGET', KEYS[1], h) == slot then
+    redis.call('SADD', KEYS[2], slot)
+    out[#out + 1] = '1'
+  else
+    out[#out + 1] = '0'
+  end
+end
+return table.concat(out)
+""",
+    "taken": """
+local out = {}
+for i = 1, #packed, S do
+  out[#out + 1] = tostring(redis.call('SISMEMBER', KEYS[1], string.sub(packed, i, i + S - 1)))
+end
+return table.concat(out)
+""",
+}
+# A slot as stored: arena id (16 ASCII characters), row, epoch (epochs start at 1).
+_SLOT = struct.Struct(">16sIQ")
 
 
 class RedisLaneIndex(LaneIndex):
     """The index in a store's Redis: processes of one host share the lane through CUDA IPC
     (an arena registered from another host is unreachable, and its blocks come from the
     store). Keys, under the store's namespace prefix: ``lane:arena`` (arena id -> its IPC
-    handle, JSON), ``lane:slot`` (block hash -> "arena:row:epoch") and ``lane:taken`` (the
-    same slot strings, as a set)."""
+    handle, JSON), ``lane:slot`` (block hash -> packed slot) and ``lane:taken`` (the packed
+    slots readers took, as a set)."""
 
     def __init__(
         self,
@@ -225,7 +275,9 @@ class RedisLaneIndex(LaneIndex):
         self._keys = dict(zip(_KEY_NAMES, self.key_names(prefix), strict=True))
         #: Wraps every Redis call: the store's own error mapping (Redis gone -> unavailable).
         self._guard = guard
-        self._forget = client.register_script(_FORGET)
+        self._scripts = {
+            name: client.register_script(_LUA_HEADER + body) for name, body in _LUA_SCRIPTS.items()
+        }
         self._lock = threading.Lock()
         self._mapped: dict[str, torch.Tensor | None] = {}  # arenas of other processes
 
@@ -262,44 +314,62 @@ class RedisLaneIndex(LaneIndex):
 
     def publish(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> None:
         if blocks:
-            mapping = {h.hex(): _format_slot(slot) for h, slot in blocks}
-            self._call("hset", self._keys["slot"], mapping=mapping)
+            self._script("publish", [self._keys["slot"]], _pack_blocks(blocks))
 
     def forget(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> None:
         if blocks:
-            args = [v for h, slot in blocks for v in (h.hex(), _format_slot(slot))]
-            with self._guard():
-                self._forget(keys=[self._keys["slot"]], args=args)
-            self._call("srem", self._keys["taken"], *(_format_slot(s) for _, s in blocks))
+            keys = [self._keys["slot"], self._keys["taken"]]
+            self._script("forget", keys, _pack_blocks(blocks))
 
     def lookup(self, hashes: Sequence[BlockHash]) -> list[LaneSlot | None]:
         if not hashes:
             return []
-        values = self._call("hmget", self._keys["slot"], [h.hex() for h in hashes])
-        return [_parse_slot(v) if v is not None else None for v in values]
+        found = self._script("lookup", [self._keys["slot"]], _pack_hashes(hashes))
+        size = _SLOT.size
+        return [_unpack_slot(found[i : i + size]) for i in range(0, len(found), size)]
 
-    def mark_taken(self, slots: Sequence[LaneSlot]) -> None:
-        if slots:
-            self._call("sadd", self._keys["taken"], *(_format_slot(s) for s in slots))
+    def confirm(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> list[bool]:
+        if not blocks:
+            return []
+        keys = [self._keys["slot"], self._keys["taken"]]
+        return [flag == ord("1") for flag in self._script("confirm", keys, _pack_blocks(blocks))]
 
     def taken(self, slots: Sequence[LaneSlot]) -> list[bool]:
         if not slots:
             return []
-        found = self._call("smismember", self._keys["taken"], [_format_slot(s) for s in slots])
-        return [bool(f) for f in found]
+        flags = self._script("taken", [self._keys["taken"]], b"".join(map(_pack_slot, slots)))
+        return [flag == ord("1") for flag in flags]
+
+    def _script(self, name: str, keys: list[str], packed: bytes) -> Any:
+        with self._guard():
+            return self._scripts[name](keys=keys, args=[packed, HASH_BYTES])
 
     def _call(self, command: str, *args: Any, **kwargs: Any) -> Any:
         with self._guard():
             return getattr(self._client, command)(*args, **kwargs)
 
 
-def _format_slot(slot: LaneSlot) -> str:
-    return f"{slot.arena_id}:{slot.row}:{slot.epoch}"
+def _pack_slot(slot: LaneSlot) -> bytes:
+    return _SLOT.pack(slot.arena_id.encode(), slot.row, slot.epoch)
 
 
-def _parse_slot(value: bytes) -> LaneSlot:
-    arena_id, row, epoch = value.decode().split(":")
-    return LaneSlot(arena_id, int(row), int(epoch))
+def _unpack_slot(record: bytes) -> LaneSlot | None:
+    arena_id, row, epoch = _SLOT.unpack(record)
+    return LaneSlot(arena_id.rstrip(b"\0").decode(), row, epoch) if epoch else None
+
+
+def _pack_hashes(hashes: Sequence[BlockHash]) -> bytes:
+    if any(len(h) != HASH_BYTES for h in hashes):
+        raise ValueError(f"block hashes are {HASH_BYTES} bytes")
+    return b"".join(hashes)
+
+
+def _pack_blocks(blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> bytes:
+    packed = _pack_hashes([h for h, _ in blocks])
+    size = HASH_BYTES
+    return b"".join(
+        packed[i * size : (i + 1) * size] + _pack_slot(slot) for i, (_, slot) in enumerate(blocks)
+    )
 
 
 def host_id() -> str:

@@ -17,7 +17,7 @@ from engine.lane_transfer import LaneTransfer
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from kvstore.base import KVStore
-from kvstore.block_hash import BlockHash
+from kvstore.block_hash import HASH_BYTES, BlockHash
 from kvstore.device_lane import DeviceArena, LaneIndex, LaneSlot, MemoryLaneIndex
 from tests.tiny_models import save_tiny_model
 
@@ -52,7 +52,7 @@ def config(model_dir: str, lane_mib: int | None = 1) -> EngineConfig:
 
 
 def h(i: int) -> BlockHash:
-    return BlockHash(i.to_bytes(32, "big"))
+    return BlockHash(i.to_bytes(HASH_BYTES, "big"))
 
 
 def lane_index(store: KVStore) -> LaneIndex:
@@ -74,8 +74,9 @@ def test_slots_name_one_write_of_a_row_and_forget_keeps_newer_ones(
     index.publish(list(zip([h(0), h(1), h(2)], slots, strict=True)))
     assert index.lookup([h(0), h(1), h(2), h(9)]) == [*slots, None]
     assert index.taken(slots) == [False, False, False]
-    index.mark_taken(slots[:1])
-    assert index.taken(slots) == [True, False, False]
+    stale = LaneSlot(aid, 1, 9)
+    assert index.confirm([(h(0), slots[0]), (h(1), stale)]) == [True, False]
+    assert index.taken(slots) == [True, False, False], "only the whole copy is taken"
     assert arena.next_rows(3) == [3, 0, 1], "the ring wraps"
     old = arena.contents([3, 0, 1])
     assert old == [(h(0), slots[0]), (h(1), slots[1])], "row 3 was never written"
@@ -94,7 +95,7 @@ def test_slots_name_one_write_of_a_row_and_forget_keeps_newer_ones(
     assert index.arena_rows(aid) is None
 
 
-def prefill_until_first_token(engine: Engine, between: Callable[[], None]) -> StepOutput:
+def prefill_until_first_token(engine: Engine, between: Callable[[], object]) -> StepOutput:
     while True:
         for output in engine.step():
             if output.finish_reason is not None:
@@ -174,24 +175,17 @@ def test_rows_reused_before_the_decode_took_them_are_demoted_to_the_store(
 
 class RowsMoveOnDuringCopy(MemoryLaneIndex):
     """A lane index whose writer publishes again while a reader copies (between the copy and
-    the lookup that checks it): the race the sequence lock is for."""
+    its confirmation): the race the sequence lock is for."""
 
     def __init__(self) -> None:
         super().__init__()
         self.during_copy: Callable[[], object] | None = None
-        self._lookups_left = 0
 
-    def arm(self, action: Callable[[], object]) -> None:
-        """Runs ``action`` at the second lookup from now (a fill's check after its copy)."""
-        self.during_copy, self._lookups_left = action, 2
-
-    def lookup(self, hashes: Sequence[BlockHash]) -> list[LaneSlot | None]:
+    def confirm(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> list[bool]:
         if self.during_copy is not None:
-            self._lookups_left -= 1
-            if self._lookups_left == 0:
-                action, self.during_copy = self.during_copy, None
-                action()
-        return super().lookup(hashes)
+            action, self.during_copy = self.during_copy, None
+            action()
+        return super().confirm(blocks)
 
 
 def test_blocks_whose_rows_moved_on_during_the_copy_come_from_the_store(
@@ -210,11 +204,9 @@ def test_blocks_whose_rows_moved_on_during_the_copy_come_from_the_store(
     assert first.kv_hashes is not None
     # The resume copies all 13 blocks; meanwhile another prompt takes 4 of their rows.
     other = [(11 * i + 5) % 500 for i in range(32)]
-    index.arm(
-        lambda: (
-            prefill.add_request(other, dataclasses.replace(PARAMS, max_tokens=1), "other"),
-            prefill_until_first_token(prefill, lambda: None),
-        )
+    index.during_copy = lambda: (
+        prefill.add_request(other, dataclasses.replace(PARAMS, max_tokens=1), "other"),
+        prefill_until_first_token(prefill, lambda: None),
     )
     decode.resume("r", first.new_token_ids[0], first.kv_hashes)
     assert decode.kv is not None and decode.kv.lane is not None
