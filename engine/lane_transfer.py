@@ -53,34 +53,32 @@ class LaneTransfer:
         arena = self.arena
         assert arena is not None and len(block_ids) == len(hashes)
         rows = arena.next_rows(len(block_ids))
+        # Before the rows change, their blocks lose their names (a block no reader took
+        # goes to the store first, so a published block stays readable).
         old = arena.contents(rows)
-        self._demote_untaken(old)
-        self.index.forget(old)  # before the rows change
+        taken = self.index.forget_taken(old)
+        untaken = [block for block, is_taken in zip(old, taken, strict=True) if not is_taken]
+        self._demote(untaken)
+        self.index.forget(untaken)
         data = self.runner.device_rows(block_ids)  # (num_blocks, block_bytes)
         arena.rows.index_copy_(0, torch.tensor(rows, device=arena.rows.device), data)
         self.runner.wait_device()  # readers on other streams and processes see whole rows
         slots = arena.fill(rows, hashes)
         self.index.publish(list(zip(hashes, slots, strict=True)))
 
-    def _demote_untaken(self, old: list[tuple[BlockHash, LaneSlot]]) -> None:
-        """Writes blocks that are about to be overwritten, which no reader took and the
-        store lacks, to the store (unpinned): a published block stays readable."""
+    def _demote(self, blocks: list[tuple[BlockHash, LaneSlot]]) -> None:
+        """Writes the blocks the store lacks to it, unpinned."""
         arena = self.arena
         assert arena is not None
-        taken = self.index.taken([slot for _, slot in old])
-        demote = [
-            (h, slot)
-            for (h, slot), is_taken in zip(old, taken, strict=True)
-            if not is_taken and self.store.locate(h) is None
-        ]
+        demote = [(h, slot) for h, slot in blocks if self.store.locate(h) is None]
         if not demote:
             return
         index = torch.tensor([slot.row for _, slot in demote], device=arena.rows.device)
         host = arena.rows.index_select(0, index).cpu()
         owner = f"lane-{arena.arena_id}/demote"
         try:
-            blocks = [(h, bytes(row.numpy())) for (h, _), row in zip(demote, host, strict=True)]
-            self.store.put(owner, blocks)
+            data = [(h, bytes(row.numpy())) for (h, _), row in zip(demote, host, strict=True)]
+            self.store.put(owner, data)
             self.num_demoted_blocks += len(demote)
         except StoreFullError as error:
             logger.warning("lane: dropped %d untaken blocks: %s", len(demote), error)

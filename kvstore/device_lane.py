@@ -149,8 +149,8 @@ class LaneIndex(ABC):
         their rows freely)."""
 
     @abstractmethod
-    def taken(self, slots: Sequence[LaneSlot]) -> list[bool]:
-        """Whether a reader took each slot's block."""
+    def forget_taken(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> list[bool]:
+        """``forget`` for the blocks a reader took; whether each was taken."""
 
 
 class MemoryLaneIndex(LaneIndex):
@@ -197,9 +197,11 @@ class MemoryLaneIndex(LaneIndex):
             self._taken.update(slot for (_, slot), ok in zip(blocks, whole, strict=True) if ok)
             return whole
 
-    def taken(self, slots: Sequence[LaneSlot]) -> list[bool]:
+    def forget_taken(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> list[bool]:
         with self._lock:
-            return [slot in self._taken for slot in slots]
+            taken = [slot in self._taken for _, slot in blocks]
+        self.forget([block for block, is_taken in zip(blocks, taken, strict=True) if is_taken])
+        return taken
 
 
 # Lane scripts take their items packed into ARGV[1] (fixed-width records: block hash of
@@ -246,10 +248,16 @@ for i = 1, #packed, H + S do
 end
 return table.concat(out)
 """,
-    "taken": """
+    "forget_taken": """
 local out = {}
-for i = 1, #packed, S do
-  out[#out + 1] = tostring(redis.call('SISMEMBER', KEYS[1], string.sub(packed, i, i + S - 1)))
+for i = 1, #packed, H + S do
+  local h, slot = string.sub(packed, i, i + H - 1), string.sub(packed, i + H, i + H + S - 1)
+  if redis.call('SREM', KEYS[2], slot) == 1 then
+    if redis.call('HGET', KEYS[1], h) == slot then redis.call('HDEL', KEYS[1], h) end
+    out[#out + 1] = '1'
+  else
+    out[#out + 1] = '0'
+  end
 end
 return table.concat(out)
 """,
@@ -334,10 +342,11 @@ class RedisLaneIndex(LaneIndex):
         keys = [self._keys["slot"], self._keys["taken"]]
         return [flag == ord("1") for flag in self._script("confirm", keys, _pack_blocks(blocks))]
 
-    def taken(self, slots: Sequence[LaneSlot]) -> list[bool]:
-        if not slots:
+    def forget_taken(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> list[bool]:
+        if not blocks:
             return []
-        flags = self._script("taken", [self._keys["taken"]], b"".join(map(_pack_slot, slots)))
+        keys = [self._keys["slot"], self._keys["taken"]]
+        flags = self._script("forget_taken", keys, _pack_blocks(blocks))
         return [flag == ord("1") for flag in flags]
 
     def _script(self, name: str, keys: list[str], packed: bytes) -> Any:

@@ -73,18 +73,18 @@ def test_slots_name_one_write_of_a_row_and_forget_keeps_newer_ones(
     assert slots == [LaneSlot(aid, 0, 1), LaneSlot(aid, 1, 1), LaneSlot(aid, 2, 1)]
     index.publish(list(zip([h(0), h(1), h(2)], slots, strict=True)))
     assert index.lookup([h(0), h(1), h(2), h(9)]) == [*slots, None]
-    assert index.taken(slots) == [False, False, False]
     stale = LaneSlot(aid, 1, 9)
     assert index.confirm([(h(0), slots[0]), (h(1), stale)]) == [True, False]
-    assert index.taken(slots) == [True, False, False], "only the whole copy is taken"
     assert arena.next_rows(3) == [3, 0, 1], "the ring wraps"
     old = arena.contents([3, 0, 1])
     assert old == [(h(0), slots[0]), (h(1), slots[1])], "row 3 was never written"
+    assert index.forget_taken(old) == [True, False], "only the confirmed copy was taken"
+    assert index.lookup([h(0), h(1)]) == [None, slots[1]], "an untaken block keeps its name"
     elsewhere = LaneSlot("another-arena", 0, 5)
     index.publish([(h(1), elsewhere)])  # a newer copy of block 1
-    index.forget(old)
+    index.forget(old[1:])
     assert index.lookup([h(0), h(1), h(2)]) == [None, elsewhere, slots[2]]
-    assert index.taken(slots[:1]) == [False], "a forgotten slot is not taken any more"
+    assert index.forget_taken([(h(0), slots[0])]) == [False], "forgotten, not taken any more"
     again = arena.fill([3, 0, 1], [h(3), h(4), h(5)])
     assert again == [LaneSlot(aid, 3, 2), LaneSlot(aid, 0, 2), LaneSlot(aid, 1, 2)]
     assert index.arena_rows(aid) is arena.rows, "one process: the tensor itself"
