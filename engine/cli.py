@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from engine.config import DTYPES, EngineConfig
+from engine.config import DTYPES, CacheConfig, EngineConfig
 from engine.errors import PdmeshError
 from engine.sampling_params import SamplingParams
 from pdmesh.security_args import add_client_security_args, add_security_args, security_config_from
@@ -19,6 +19,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--tp", type=int, help="tensor-parallel ranks (serve; default 1)")
+    parser.add_argument(
+        "--handoff-lane-mib",
+        type=int,
+        help="device memory of a prefill worker's hand-off lane (0: off; default 2048 on CUDA)",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -48,12 +53,14 @@ def sampling_params_from(args: argparse.Namespace) -> SamplingParams:
 
 
 def engine_config_from(args: argparse.Namespace) -> EngineConfig:
+    lane_mib = getattr(args, "handoff_lane_mib", None)
     return EngineConfig.from_env(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
         tensor_parallel_size=getattr(args, "tp", None),
+        cache=CacheConfig(handoff_lane_mib=lane_mib) if lane_mib is not None else None,
     )
 
 

@@ -214,3 +214,36 @@ def test_blocks_whose_rows_moved_on_during_the_copy_come_from_the_store(
     assert lane.num_demoted_blocks == 4, "the writer saved them first: nobody had taken them"
     assert first.new_token_ids + decode_all(decode) == expected
     assert store.stats().num_pinned_blocks == 0
+
+
+def test_stores_that_serve_other_hosts_have_no_lane(redis_url: str, namespace: str) -> None:
+    from kvstore.factory import open_store
+
+    store = open_store(f"redis://{redis_url.partition('://')[2]}", 16, namespace=namespace)
+    try:
+        assert store.device_lane() is None, "a reader on another host could not map an arena"
+    finally:
+        store.close()
+
+
+def test_an_arena_the_decode_process_cannot_map_leaves_it_to_recompute(
+    model_dir: str, expected: list[int], redis_url: str, namespace: str
+) -> None:
+    from kvstore.device_lane import _LOCAL_ARENAS
+    from kvstore.factory import open_store
+
+    store = open_store(f"redis+shm://{redis_url.partition('://')[2]}", 256, namespace=namespace)
+    try:
+        prefill, decode = engines(model_dir, store)
+        assert prefill.kv is not None and prefill.kv.lane is not None
+        arena = prefill.kv.lane.arena
+        assert arena is not None
+        # As a process that cannot map it sees it (a CPU arena of another process).
+        _LOCAL_ARENAS.pop(arena.arena_id)
+        assert hand_off(prefill, decode, "r", pull=True) == expected
+        assert decode.kv is not None and decode.kv.lane is not None
+        assert decode.kv.lane.num_filled_blocks == 0
+        assert decode.kv.num_prefetched_blocks == 0, "no slot of it counted as pullable"
+        assert store.stats().num_pinned_blocks == 0
+    finally:
+        store.close()
