@@ -210,54 +210,57 @@ class MemoryLaneIndex(LaneIndex):
 # hand-off's copies take on the device.
 _LUA_HEADER = """
 local packed, H, S = ARGV[1], tonumber(ARGV[2]), 28
+-- The (block hash, slot) records of ARGV[1], in order.
+local function blocks()
+  local i = 1 - (H + S)
+  return function()
+    i = i + H + S
+    if i <= #packed then
+      return string.sub(packed, i, i + H - 1), string.sub(packed, i + H, i + H + S - 1)
+    end
+  end
+end
+-- '1' or '0' per record: what test(hash, slot) says.
+local function flags(test)
+  local out = {}
+  for h, slot in blocks() do out[#out + 1] = test(h, slot) and '1' or '0' end
+  return table.concat(out)
+end
+local function forget(h, slot)
+  if redis.call('HGET', KEYS[1], h) == slot then redis.call('HDEL', KEYS[1], h) end
+end
 """
 _LUA_SCRIPTS = {
     "publish": """
-for i = 1, #packed, H + S do
-  local h, slot = string.sub(packed, i, i + H - 1), string.sub(packed, i + H, i + H + S - 1)
-  redis.call('HSET', KEYS[1], h, slot)
-end
+for h, slot in blocks() do redis.call('HSET', KEYS[1], h, slot) end
 return 0
 """,
     # Only where the name is still that slot (a newer slot of the block stays).
     "forget": """
-for i = 1, #packed, H + S do
-  local h, slot = string.sub(packed, i, i + H - 1), string.sub(packed, i + H, i + H + S - 1)
-  if redis.call('HGET', KEYS[1], h) == slot then redis.call('HDEL', KEYS[1], h) end
+for h, slot in blocks() do
+  forget(h, slot)
   redis.call('SREM', KEYS[2], slot)
 end
 return 0
+""",
+    "forget_taken": """
+return flags(function(h, slot)
+  if redis.call('SREM', KEYS[2], slot) == 0 then return false end
+  forget(h, slot)
+  return true
+end)
+""",
+    "confirm": """
+return flags(function(h, slot)
+  if redis.call('HGET', KEYS[1], h) ~= slot then return false end
+  redis.call('SADD', KEYS[2], slot)
+  return true
+end)
 """,
     "lookup": """
 local out, none = {}, string.rep(string.char(0), S)
 for i = 1, #packed, H do
   out[#out + 1] = redis.call('HGET', KEYS[1], string.sub(packed, i, i + H - 1)) or none
-end
-return table.concat(out)
-""",
-    "confirm": """
-local out = {}
-for i = 1, #packed, H + S do
-  local h, slot = string.sub(packed, i, i + H - 1), string.sub(packed, i + H, i + H + S - 1)
-  if redis.call('HGET', KEYS[1], h) == slot then
-    redis.call('SADD', KEYS[2], slot)
-    out[#out + 1] = '1'
-  else
-    out[#out + 1] = '0'
-  end
-end
-return table.concat(out)
-""",
-    "forget_taken": """
-local out = {}
-for i = 1, #packed, H + S do
-  local h, slot = string.sub(packed, i, i + H - 1), string.sub(packed, i + H, i + H + S - 1)
-  if redis.call('SREM', KEYS[2], slot) == 1 then
-    if redis.call('HGET', KEYS[1], h) == slot then redis.call('HDEL', KEYS[1], h) end
-    out[#out + 1] = '1'
-  else
-    out[#out + 1] = '0'
-  end
 end
 return table.concat(out)
 """,
