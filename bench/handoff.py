@@ -1,7 +1,8 @@
 """Prefill -> decode hand-off overhead, as a fraction of the prefill's own time, on one host.
 
     python -m bench.handoff [--device cpu|cuda] [--lengths 1024 7168] [--stores embedded
-                            redis+shm] [--repeats 2] [--out bench/results/handoff_cpu.json]
+                            redis+shm] [--lane-mib 2048 0] [--repeats 2]
+                            [--out bench/results/handoff_cpu.json]
 
 Two engines in this process share a store, as in ``pdmesh up``: a prefill engine (which
 publishes each chunk's blocks) and a decode engine. Fresh random prompts every time (no
@@ -14,7 +15,12 @@ prefix cache helps). Timed:
   worker does); ``pipelined_after_first_token_s`` is what is left after the first token
   (``engine.resume``): the last chunk's blocks;
 - sequential: ``sequential_copy_s``, a full copy of every block after the first token (what a
-  decode worker does that starts only then).
+  decode worker does that starts only then);
+- with a device lane (``--lane-mib``, default on cuda): the prefill publishes into its lane
+  and the decode engine copies device to device (``kvstore.device_lane``); 0 compares the
+  host path in the same run. Lane rows also time a finished request's retention on the
+  decode engine (``request_with_retention_*``): its blocks written to the store at once, or
+  by the host publisher's thread (``engine.host_publisher``).
 
 The hand-off overhead is its time on the critical path over the prefill's: (publish + copy
 left after the first token) / (the same run's prefill time without publishing), timed
@@ -44,6 +50,7 @@ import torch
 from bench.common import environment, write_json
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.engine import Engine
+from engine.host_publisher import HostPublisher
 from engine.kv_transfer import KVTransfer
 from engine.lane_transfer import open_lane
 from engine.prefetch import Prefetcher
@@ -101,12 +108,39 @@ class Bench:
         for engine in (self.prefill, self.decode):
             if engine.kv is not None and engine.kv.lane is not None:
                 engine.kv.lane.close()
+            if engine.kv is not None and engine.kv.publisher is not None:
+                engine.kv.publisher.close()
             lane = open_lane(store, engine.runner, lane_mib, engine is self.prefill)
             engine.kv = KVTransfer(store, engine.runner, namespace, lane)
         decode = self.decode
         assert decode.kv is not None
         decode.prefetcher = Prefetcher(decode.kv, decode.block_manager, decode.scheduler)
         return decode.kv
+
+    def retention(self, length: int) -> dict[str, float]:
+        """A request of ``length`` prompt tokens run to the end on the decode engine, whose
+        finish leaves every block in the store: timed with the blocks written at once, and
+        with the host publisher (the engine's thread only gathers them; ``flush`` waits for
+        the publisher's copy to the store)."""
+        kv = self.decode.kv
+        assert kv is not None
+        row = {}
+        for name, publisher in (
+            ("at_once", None),
+            ("host_publisher", HostPublisher(kv.store, self.decode.runner.device, 2 << 30)),
+        ):
+            kv.publisher = publisher
+            start = time.perf_counter()
+            self.decode.add_request(self.prompt(length), FIRST_ONLY, f"retain-{self.count}")
+            while self.decode.has_unfinished:
+                self.decode.step()
+            sync(self.device)
+            row[f"request_with_retention_{name}_s"] = time.perf_counter() - start
+            if publisher is not None:
+                publisher.close()
+                row["host_publisher_done_s"] = time.perf_counter() - start
+        kv.publisher = None
+        return row
 
     def prompt(self, length: int) -> list[int]:
         self.count += 1
@@ -180,12 +214,16 @@ class Bench:
         }
 
 
-def measure(bench: Bench, length: int, alone: float, repeats: int) -> dict[str, Any]:
+def measure(
+    bench: Bench, length: int, alone: float, repeats: int, retention: bool = False
+) -> dict[str, Any]:
     bench.handoff(min(length, 256))  # warm-up
     runs = [bench.handoff(length) for _ in range(repeats)]
     row: dict[str, Any] = {"prompt_tokens": length, "num_blocks": -(-length // 16)}
     row.update({key: statistics.median(r[key] for r in runs) for key in runs[0]})
     row["prefill_s"] = alone
+    if retention:
+        row.update(bench.retention(length))
     # The hand-off's share of the critical path, timed directly: publishing on the prefill's
     # side plus the copying left after the first token, over the same run's prefill compute
     # (a separate run's time swings with the host's load; both are recorded).
@@ -236,7 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "store": name,
                         "path": path,
                         "lane_mib": lane_mib,
-                        **measure(bench, length, alone[length], args.repeats),
+                        **measure(bench, length, alone[length], args.repeats, lane_mib > 0),
                     }
                     results.append(row)
                     report(row)
@@ -266,6 +304,14 @@ def report(row: dict[str, Any]) -> None:
         "pulled during the prefill)",
         flush=True,
     )
+    if "request_with_retention_at_once_s" in row:
+        print(
+            f"{'':23s} finished request's retention on the decode engine: request "
+            f"{row['request_with_retention_at_once_s'] * 1e3:8.1f} ms writing at once, "
+            f"{row['request_with_retention_host_publisher_s'] * 1e3:8.1f} ms with the host "
+            f"publisher (in the store after {row['host_publisher_done_s'] * 1e3:8.1f} ms)",
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -120,6 +120,12 @@ class CacheConfig:
     #: decode workers of the host copy fresh blocks device to device); 0 turns the lane
     #: off, None picks 2 GiB (at most 1/32 of the device) on CUDA and no lane on the CPU.
     handoff_lane_mib: int | None = None
+    #: Write finished requests' blocks to the store on a background thread (the decode loop
+    #: does not wait for host memory); None: on CUDA only (``engine.host_publisher``).
+    async_retain: bool | None = None
+
+    def resolved_async_retain(self, device_type: str) -> bool:
+        return self.async_retain if self.async_retain is not None else device_type == "cuda"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -15,6 +15,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, WorkerLostError
+from engine.host_publisher import HostPublisher
 from engine.kv_transfer import KVTransfer
 from engine.lane_transfer import open_lane
 from engine.model_runner import DeviceTokens, ModelRunner
@@ -35,6 +36,9 @@ from kvstore.block_hash import BlockHash
 from kvstore.errors import KVStoreError
 
 logger = logging.getLogger(__name__)
+
+# Device copies of finished requests' blocks waiting for the host publisher, at most.
+RETAIN_QUEUE_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,10 @@ class Engine:
         if kv_store is not None:
             lane = open_lane(kv_store, self.runner, config.cache.handoff_lane_mib, publish_kv)
             self.kv = KVTransfer(kv_store, self.runner, self.block_manager.namespace, lane)
+            if not publish_kv and config.cache.resolved_async_retain(self.runner.device.type):
+                self.kv.publisher = HostPublisher(
+                    kv_store, self.runner.device, RETAIN_QUEUE_BYTES, self._count_retained
+                )
         self.publish_kv = publish_kv and self.kv is not None
         self.prefetcher = (
             Prefetcher(self.kv, self.block_manager, self.scheduler) if self.kv else None
@@ -143,6 +151,8 @@ class Engine:
         """Stops tensor-parallel followers; the engine is unusable afterwards."""
         if self.kv is not None and self.kv.lane is not None:
             self.kv.lane.close()
+        if self.kv is not None and self.kv.publisher is not None:
+            self.kv.publisher.close()
         if self.leader is not None:
             self.runner.release_graphs(wait=self.leader.followers_alive)
             self.leader.shutdown()
@@ -274,6 +284,10 @@ class Engine:
             self.kv.store.release(request_id)
         except KVStoreError as error:
             logger.warning("cannot release the store pins of %s: %s", request_id, error)
+
+    def _count_retained(self, num_blocks: int) -> None:
+        assert self.kv is not None
+        self.kv.num_retained_blocks += num_blocks
 
     @property
     def _retains_finished(self) -> bool:

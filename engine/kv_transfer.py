@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from engine.host_publisher import HostPublisher
 from engine.lane_transfer import LaneTransfer
 from engine.model_runner import ModelRunner
 from engine.scheduler import BlockImport, ScheduledChunk
@@ -61,6 +62,9 @@ class KVTransfer:
         self.num_prefetched_blocks = 0
         #: Blocks of finished requests (prompt and output) published as prefix cache.
         self.num_retained_blocks = 0
+        #: Writes finished requests' blocks to the store off the engine's thread (GPU decode
+        #: workers; ``engine.host_publisher``); None writes them at once.
+        self.publisher: HostPublisher | None = None
         #: Seconds spent reading blocks out of the cache into the store (prefill's share of
         #: the hand-off; benchmarks).
         self.publish_s = 0.0
@@ -137,6 +141,11 @@ class KVTransfer:
         )
         start = self.store.match_prefix(hashes)  # only what the store lacks is read out
         owner = f"{seq.request_id}/retain"
+        if self.publisher is not None and start < num_full:
+            rows = self.runner.device_rows(seq.block_table[start:num_full])
+            if not self.publisher.submit(owner, hashes[start:], rows):
+                logger.info("not retaining %s: the host publisher is full", seq.request_id)
+            return
         try:
             self._put(owner, seq.block_table[start:num_full], hashes[start:])
             self.num_retained_blocks += num_full - start

@@ -80,4 +80,19 @@ def test_gpu_hand_off_goes_through_the_lane(tmp_path: Any) -> None:
     assert tokens == expected
     assert decode.kv is not None and decode.kv.lane is not None
     assert decode.kv.lane.num_filled_blocks == 10, "every block of the prompt, device to device"
+    # The finished request's blocks went to the store from the host publisher's thread; a
+    # fresh prefill worker imports them and continues as one engine would.
+    assert decode.kv.publisher is not None, "on by default on CUDA"
+    decode.kv.publisher.flush()
+    assert decode.kv.num_retained_blocks > 0
+    follow = [*prompt, *tokens, 7, 8, 9]
+    fresh = Engine(config, store, publish_kv=True)
+    fresh.add_request(follow, dataclasses.replace(params, max_tokens=1), "next")
+    reply = None
+    while reply is None:
+        reply = next((o for o in fresh.step() if o.finish_reason is not None), None)
+    assert reply.num_cached_tokens >= len(prompt) // 16 * 16
+    one = dataclasses.replace(params, max_tokens=1)
+    assert reply.new_token_ids == LLM(config).generate([follow], one)[0].token_ids
+    store.release("next")
     assert store.stats().num_pinned_blocks == 0

@@ -108,16 +108,19 @@ def test_resume_with_blocks_of_another_prompt_is_refused(model_dir: str) -> None
     assert decode.abort("x") and decode.block_manager.allocator.num_used == 0
 
 
+@pytest.mark.parametrize("async_retain", [False, True], ids=["at-once", "host-publisher"])
 @pytest.mark.parametrize("num_output", [12, 13])
 def test_finished_decode_leaves_prompt_and_output_blocks_as_prefix_cache(
-    model_dir: str, num_output: int
+    model_dir: str, num_output: int, async_retain: bool
 ) -> None:
     """20 prompt + 12 output tokens = 32: the last token fills block 4, so its KV is computed
-    at the end and all 4 blocks stay; with 13 outputs the 5th block is partial: 4 stay."""
+    at the end and all 4 blocks stay; with 13 outputs the 5th block is partial: 4 stay. The
+    host publisher (GPU default) writes them from its own thread: the same blocks."""
     store = EmbeddedKVStore(capacity_blocks=64)
     cache_off = {"enable_prefix_caching": False}
     prefill = Engine(config(model_dir, **cache_off), store, publish_kv=True)
-    decode = Engine(config(model_dir, **cache_off), store)
+    decode = Engine(config(model_dir, **cache_off, async_retain=async_retain), store)
+    assert decode.kv is not None and (decode.kv.publisher is not None) == async_retain
     prompt = list(range(100, 120))
     params = dataclasses.replace(PARAMS, max_tokens=num_output)
     prefill.add_request(prompt, dataclasses.replace(params, max_tokens=1), "t1")
@@ -126,6 +129,9 @@ def test_finished_decode_leaves_prompt_and_output_blocks_as_prefix_cache(
         first = prefill_step(prefill)
     decode.add_request(prompt, params, "t1", first.new_token_ids, first.kv_hashes)
     output = first.new_token_ids + decode_all(decode, "t1")
+    if decode.kv.publisher is not None:
+        decode.kv.publisher.flush()
+    assert decode.kv.num_retained_blocks == 2, "blocks 3 and 4: the prompt's 2 were there"
     assert store.stats().num_pinned_blocks == 0, "kept unpinned, as an LRU prefix cache"
     conversation = prompt + output
     chain = hash_full_blocks(conversation, BLOCK, decode.block_manager.namespace)
