@@ -61,7 +61,7 @@ class LaneTransfer:
         self._demote(untaken)
         self.index.forget(untaken)
         data = self.runner.device_rows(block_ids)  # (num_blocks, block_bytes)
-        arena.rows.index_copy_(0, torch.tensor(rows, device=arena.rows.device), data)
+        arena.rows.index_copy_(0, self.runner.to_device(rows, torch.int64), data)
         self.runner.wait_device()  # readers on other streams and processes see whole rows
         slots = arena.fill(rows, hashes)
         self.index.publish(list(zip(hashes, slots, strict=True)))

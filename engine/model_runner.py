@@ -217,7 +217,7 @@ class ModelRunner:
         return self.gather_heads(self._local_blocks(block_ids))
 
     def _local_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        index = torch.tensor(block_ids, device=self.device)
+        index = self.to_device(block_ids, torch.int64)
         blocks = self.kv_cache.index_select(2, index)  # (layers, 2, n, block_size, heads, D)
         return blocks.permute(2, 0, 1, 3, 4, 5)  # (n, layers, 2, block_size, local heads, D)
 
@@ -259,7 +259,7 @@ class ModelRunner:
         blocks = raw.view(self.dtype).view(len(block_ids), *shape)
         shard = self.tp.rank // self._kv_replicas()
         heads = blocks[..., shard * layer.num_kv_heads : (shard + 1) * layer.num_kv_heads, :]
-        index = torch.tensor(block_ids, device=self.device)
+        index = self.to_device(block_ids, torch.int64)
         self.kv_cache.index_copy_(2, index, heads.permute(1, 2, 0, 3, 4, 5))
 
     # -- one forward pass -----------------------------------------------------------------------
@@ -309,7 +309,8 @@ class ModelRunner:
             num_substitutions=len(subst_dst),
         )
 
-    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+    def to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """``values`` on the device without waiting for it (a pinned, asynchronous copy)."""
         host = torch.tensor(values, dtype=dtype)
         if self.device.type != "cuda":
             return host
@@ -348,8 +349,8 @@ class ModelRunner:
         pending = previous.rows if previous is not None else None
         step = self._pack(chunks, pending)
         # Two host-to-device copies per step (one per dtype); the model reads views of them.
-        longs = self._to_device(step.longs, torch.int64)
-        ints = self._to_device(step.ints, torch.int32)
+        longs = self.to_device(step.longs, torch.int64)
+        ints = self.to_device(step.ints, torch.int32)
         if step.num_substitutions:
             assert previous is not None
             base, count = 3 * step.num_tokens, step.num_substitutions
