@@ -149,14 +149,16 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stops tensor-parallel followers; the engine is unusable afterwards."""
-        if self.kv is not None and self.kv.lane is not None:
-            self.kv.lane.close()
-        if self.kv is not None and self.kv.publisher is not None:
-            self.kv.publisher.close()
-        if self.leader is not None:
-            self.runner.release_graphs(wait=self.leader.followers_alive)
-            self.leader.shutdown()
-            self.leader = None
+        try:
+            if self.kv is not None and self.kv.publisher is not None:
+                self.kv.publisher.close()
+            if self.kv is not None and self.kv.lane is not None:
+                self.kv.lane.close()
+        finally:
+            if self.leader is not None:
+                self.runner.release_graphs(wait=self.leader.followers_alive)
+                self.leader.shutdown()
+                self.leader = None
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(

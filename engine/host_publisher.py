@@ -6,7 +6,8 @@ engine thread gathers the blocks into one fresh device tensor (a device copy, af
 the request's cache blocks may be reused) and queues it here; a worker thread copies it to
 pinned host memory on a side stream (the copy engine, while the next steps compute), turns
 the rows into block bytes and puts them in the store, unpinned. The queue holds at most
-``max_bytes`` of device copies; past that a retention is skipped, as a full store skips it.
+``max_bytes`` of device copies; past that a retention is skipped, as a full store skips it
+(so is a request whose blocks alone exceed it).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class HostPublisher:
                 with self._lock:
                     self._queued_bytes -= job.rows.nbytes
                     self._lock.notify_all()
+                del job  # its device copy goes now, not when the next job comes
 
     def _store(self, job: _Job) -> None:
         host = self._to_host(job)

@@ -224,8 +224,32 @@ class KVTransfer:
         if one is missing."""
         if not block_ids:
             return
-        left = self.lane.fill(block_ids, hashes) if self.lane else range(len(hashes))
-        if left:
-            data = self.store.get(owner, [hashes[i] for i in left])
-            self.runner.write_blocks([block_ids[i] for i in left], data)
+        if self.lane is None:
+            self._fill_from_store(owner, block_ids, hashes, list(range(len(hashes))))
+        else:
+            self._fill_through_lane(owner, block_ids, hashes)
         self.num_loaded_blocks += len(block_ids)
+
+    def _fill_through_lane(self, owner: str, block_ids: list[int], hashes: list[BlockHash]) -> None:
+        """Lane first, the store for the rest. Copies are confirmed only once the store part
+        succeeded (a confirmed row may be reused at once); a block that changed slot during
+        its copy is copied again from its new slot (republished), else from the store."""
+        assert self.lane is not None
+        copied = self.lane.copy(block_ids, hashes)
+        in_lane = {i for i, _ in copied}
+        self._fill_from_store(
+            owner, block_ids, hashes, [i for i in range(len(hashes)) if i not in in_lane]
+        )
+        moved = self.lane.confirm(hashes, copied)
+        if moved:
+            again = self.lane.copy([block_ids[i] for i in moved], [hashes[i] for i in moved])
+            lost = set(self.lane.confirm([hashes[i] for i in moved], again))
+            lost |= set(range(len(moved))) - {i for i, _ in again}
+            self._fill_from_store(owner, block_ids, hashes, [moved[i] for i in sorted(lost)])
+
+    def _fill_from_store(
+        self, owner: str, block_ids: list[int], hashes: list[BlockHash], positions: list[int]
+    ) -> None:
+        if positions:
+            data = self.store.get(owner, [hashes[i] for i in positions])
+            self.runner.write_blocks([block_ids[i] for i in positions], data)

@@ -91,9 +91,10 @@ class LaneTransfer:
         return [s if s and self.index.arena_rows(s.arena_id) is not None else None for s in slots]
 
     @torch.inference_mode()
-    def fill(self, block_ids: list[int], hashes: list[BlockHash]) -> list[int]:
-        """Copies every named block the lane holds into ``block_ids``; returns the positions
-        (into ``hashes``) it did not fill, for the store."""
+    def copy(self, block_ids: list[int], hashes: list[BlockHash]) -> list[tuple[int, LaneSlot]]:
+        """Copies every named block the lane holds (and this process can map) into
+        ``block_ids``; returns (position into ``hashes``, slot) of each copied block, to be
+        ``confirm``ed once the device is done."""
         by_arena: dict[str, list[tuple[int, LaneSlot]]] = defaultdict(list)
         for position, slot in enumerate(self.index.lookup(hashes)):
             if slot is not None:
@@ -102,19 +103,25 @@ class LaneTransfer:
         for arena_id, found in by_arena.items():
             rows = self.index.arena_rows(arena_id)
             if rows is None:  # another host's, or gone: the store has these
+                logger.warning("lane: cannot map arena %s here; using the store", arena_id)
                 continue
             for start in range(0, len(found), FILL_ROWS):
                 piece = found[start : start + FILL_ROWS]
                 data = self._copy_rows(rows, [slot.row for _, slot in piece])
                 self.runner.write_rows([block_ids[i] for i, _ in piece], data)
             copied.extend(found)
-        if copied:
-            self.runner.wait_device()  # the copies are done: did a row move on meanwhile?
-            whole = self.index.confirm([(hashes[i], slot) for i, slot in copied])
-            copied = [found for found, ok in zip(copied, whole, strict=True) if ok]
-            self.num_filled_blocks += len(copied)
-        filled = {i for i, _ in copied}
-        return [i for i in range(len(hashes)) if i not in filled]
+        return copied
+
+    def confirm(self, hashes: list[BlockHash], copied: list[tuple[int, LaneSlot]]) -> list[int]:
+        """After the copies: the positions whose block changed slot meanwhile (its row may
+        have been rewritten during the copy, or the block republished elsewhere); the others
+        are whole, and taken."""
+        if not copied:
+            return []
+        self.runner.wait_device()
+        whole = self.index.confirm([(hashes[i], slot) for i, slot in copied])
+        self.num_filled_blocks += sum(whole)
+        return [i for (i, _), ok in zip(copied, whole, strict=True) if not ok]
 
     def _copy_rows(self, rows: torch.Tensor, wanted: list[int]) -> torch.Tensor:
         """The ``wanted`` rows on this worker's device, copied run by run: a ring publishes
@@ -133,7 +140,17 @@ class LaneTransfer:
         return data
 
     def close(self) -> None:
-        if self.arena is not None:
+        """Unregisters the arena; blocks no reader took go to the store first (a drained
+        prefill worker's last hand-offs stay readable)."""
+        if self.arena is None:
+            return
+        try:
+            old = self.arena.contents(range(self.arena.num_rows))
+            taken = self.index.forget_taken(old)
+            untaken = [block for block, is_taken in zip(old, taken, strict=True) if not is_taken]
+            self._demote(untaken)
+            self.index.forget(untaken)
+        finally:
             self.index.unregister(self.arena.arena_id)
             self.arena.close()
 
@@ -141,15 +158,20 @@ class LaneTransfer:
 def open_lane(
     store: KVStore, runner: ModelRunner, lane_mib: int | None, publishes: bool
 ) -> LaneTransfer | None:
-    """The worker's lane, if it has one: ``lane_mib`` as ``CacheConfig.handoff_lane_mib``;
-    only a worker that ``publishes`` hand-offs (prefill) gets an arena."""
+    """The worker's lane, where its store has one. A worker that ``publishes`` hand-offs
+    (prefill) gets an arena of ``lane_mib`` (``CacheConfig.handoff_lane_mib``) or none; every
+    other worker reads the lane, whatever its own setting."""
+    index = store.device_lane()
+    if index is None:
+        return None
+    if not publishes:  # a reader reads whatever a prefill worker of the store publishes
+        return LaneTransfer(index, runner, store)
     if lane_mib is None:  # the default: on CUDA only
         if runner.device.type != "cuda":
             return None
         total = torch.cuda.get_device_properties(runner.device).total_memory
         lane_mib = min(DEFAULT_LANE_MIB, total // 32 // 2**20)
-    index = store.device_lane() if lane_mib else None
-    if index is None:
+    if not lane_mib:
         return None
-    num_rows = max(1, lane_mib * 2**20 // runner.bytes_per_stored_block) if publishes else 0
+    num_rows = max(1, lane_mib * 2**20 // runner.bytes_per_stored_block)
     return LaneTransfer(index, runner, store, num_rows)

@@ -29,6 +29,7 @@ import json
 import socket
 import struct
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -42,6 +43,8 @@ import torch
 from kvstore.block_hash import HASH_BYTES, BlockHash
 
 _KEY_NAMES = ("arena", "slot", "taken")
+# Seconds before mapping an arena that could not be mapped is tried again.
+RETRY_MAP_S = 5.0
 
 # Arenas of this process by id: readers in the writer's process use the tensor itself
 # (CUDA IPC cannot map a process's own memory).
@@ -193,7 +196,9 @@ class MemoryLaneIndex(LaneIndex):
 
     def confirm(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> list[bool]:
         with self._lock:
-            whole = [self._slots.get(h) == slot for h, slot in blocks]
+            whole = [
+                self._slots.get(h) == slot and slot.arena_id in self._arenas for h, slot in blocks
+            ]
             self._taken.update(slot for (_, slot), ok in zip(blocks, whole, strict=True) if ok)
             return whole
 
@@ -250,9 +255,11 @@ return flags(function(h, slot)
   return true
 end)
 """,
+    # Whole: the block still has that slot, and its arena is still registered.
     "confirm": """
 return flags(function(h, slot)
   if redis.call('HGET', KEYS[1], h) ~= slot then return false end
+  if redis.call('HEXISTS', KEYS[3], string.sub(slot, 1, 16)) == 0 then return false end
   redis.call('SADD', KEYS[2], slot)
   return true
 end)
@@ -290,7 +297,8 @@ class RedisLaneIndex(LaneIndex):
             name: client.register_script(_LUA_HEADER + body) for name, body in _LUA_SCRIPTS.items()
         }
         self._lock = threading.Lock()
-        self._mapped: dict[str, torch.Tensor | None] = {}  # arenas of other processes
+        # Arenas of other processes: mapped rows, or None and when mapping last failed.
+        self._mapped: dict[str, tuple[torch.Tensor | None, float]] = {}
 
     @staticmethod
     def key_names(prefix: str) -> list[str]:
@@ -307,9 +315,11 @@ class RedisLaneIndex(LaneIndex):
         if arena_id in _LOCAL_ARENAS:
             return _LOCAL_ARENAS[arena_id]
         with self._lock:
-            if arena_id not in self._mapped:
-                self._mapped[arena_id] = self._map(arena_id)
-            return self._mapped[arena_id]
+            rows, tried = self._mapped.get(arena_id, (None, -RETRY_MAP_S))
+            if rows is None and time.monotonic() - tried >= RETRY_MAP_S:
+                rows = self._map(arena_id)  # an arena not mapped yet is tried again later
+                self._mapped[arena_id] = (rows, time.monotonic())
+            return rows
 
     def _map(self, arena_id: str) -> torch.Tensor | None:
         raw = self._call("hget", self._keys["arena"], arena_id)
@@ -342,7 +352,7 @@ class RedisLaneIndex(LaneIndex):
     def confirm(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> list[bool]:
         if not blocks:
             return []
-        keys = [self._keys["slot"], self._keys["taken"]]
+        keys = [self._keys["slot"], self._keys["taken"], self._keys["arena"]]
         return [flag == ord("1") for flag in self._script("confirm", keys, _pack_blocks(blocks))]
 
     def forget_taken(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> list[bool]:

@@ -130,7 +130,8 @@ def test_hand_off_through_the_lane_skips_the_store(
     model_dir: str, expected: list[int], make_store: Callable[[int], KVStore]
 ) -> None:
     store = make_store(256)
-    prefill, decode = engines(model_dir, store)
+    prefill = Engine(config(model_dir), store, publish_kv=True)
+    decode = Engine(config(model_dir, lane_mib=0), store)  # reads whatever its own size
     assert prefill.kv is not None and decode.kv is not None
     lane, reader = prefill.kv.lane, decode.kv.lane
     assert lane is not None and lane.arena is not None and reader is not None
@@ -174,8 +175,9 @@ def test_rows_reused_before_the_decode_took_them_are_demoted_to_the_store(
 
 
 class RowsMoveOnDuringCopy(MemoryLaneIndex):
-    """A lane index whose writer publishes again while a reader copies (between the copy and
-    its confirmation): the race the sequence lock is for."""
+    """A lane index whose writer publishes again between a reader's copy and its
+    confirmation (what the sequence lock is for: a rewritten row, or a block republished
+    elsewhere, fails the confirmation)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -247,3 +249,51 @@ def test_an_arena_the_decode_process_cannot_map_leaves_it_to_recompute(
         assert store.stats().num_pinned_blocks == 0
     finally:
         store.close()
+
+
+def test_a_block_republished_during_the_copy_is_copied_again_from_its_new_slot(
+    model_dir: str, expected: list[int]
+) -> None:
+    from kvstore.embedded import EmbeddedKVStore
+
+    store = EmbeddedKVStore(256)
+    index = RowsMoveOnDuringCopy()
+    store._lane = index
+    prefill, decode = engines(model_dir, store)
+    lane = small_lane(prefill, store, num_rows=32)
+    prefill.add_request(PROMPT, dataclasses.replace(PARAMS, max_tokens=1), "r")
+    decode.prefetch(PROMPT, PARAMS, "r")
+    first = prefill_until_first_token(prefill, lambda: None)
+    assert first.kv_hashes is not None
+    # The same prompt again: the prefill's own prefix cache holds it, and it publishes all
+    # 13 blocks again, into new rows, while the decode worker copies the first ones.
+    index.during_copy = lambda: (
+        prefill.add_request(PROMPT, dataclasses.replace(PARAMS, max_tokens=1), "again"),
+        prefill_until_first_token(prefill, lambda: None),
+    )
+    decode.resume("r", first.new_token_ids[0], first.kv_hashes)
+    assert decode.kv is not None and decode.kv.lane is not None
+    assert lane.arena is not None and sum(h is not None for h in lane.arena.held) == 26
+    assert decode.kv.lane.num_filled_blocks == 13, "copied again from the new slots"
+    assert lane.num_demoted_blocks == 0 and store.stats().num_blocks == 0, "no store needed"
+    assert first.new_token_ids + decode_all(decode) == expected
+
+
+def test_closing_a_lane_demotes_what_no_reader_took(
+    model_dir: str, expected: list[int], make_store: Callable[[int], KVStore]
+) -> None:
+    store = make_store(256)
+    prefill, decode = engines(model_dir, store)
+    prefill.add_request(PROMPT, dataclasses.replace(PARAMS, max_tokens=1), "r")
+    first = prefill_until_first_token(prefill, lambda: None)
+    assert first.kv_hashes is not None
+    assert prefill.kv is not None and prefill.kv.lane is not None
+    prefill.kv.lane.close()  # a prefill worker draining before the decode worker resumed
+    assert prefill.kv.lane.num_demoted_blocks == 13
+    assert store.match_prefix(first.kv_hashes) == 13
+    decode.prefetch(PROMPT, PARAMS, "r")
+    decode.resume("r", first.new_token_ids[0], first.kv_hashes)
+    assert decode.kv is not None and decode.kv.lane is not None
+    assert decode.kv.lane.num_filled_blocks == 0, "the arena is gone: all from the store"
+    assert first.new_token_ids + decode_all(decode) == expected
+    assert store.stats().num_pinned_blocks == 0
