@@ -268,7 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             for lane_mib in args.lane_mib:
                 kv = bench.use_store(store, lane_mib)
-                path = "device-lane" if kv.lane else kv.path
+                prefill_kv = bench.prefill.kv
+                path = "device-lane" if prefill_kv and prefill_kv.lane else kv.path
                 for length in args.lengths:
                     row = {
                         "store": name,
