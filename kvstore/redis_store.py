@@ -110,6 +110,8 @@ class RedisKVStore(KVStore):
         self._close_lock = threading.Lock()
         self._is_closed = False
         self._bytes_moved: Counter[str] = Counter()
+        # Engine and host-publisher threads both move bytes through one handle.
+        self._moved_lock = threading.Lock()
         self._register_handle()
 
     def put(self, owner: str, blocks: Sequence[tuple[BlockHash, bytes]]) -> None:
@@ -210,7 +212,8 @@ class RedisKVStore(KVStore):
         )
 
     def _bytes_by_path(self) -> dict[str, int]:
-        moved = dict(self._bytes_moved)
+        with self._moved_lock:
+            moved = dict(self._bytes_moved)
         planes = (self._plane, self._disk)
         remote = sum(p.bytes_from_peers for p in planes if isinstance(p, PeerPlane))
         if remote:
@@ -330,7 +333,7 @@ class RedisKVStore(KVStore):
                 block_hex = raw_hex.decode()
                 data = data_by_hex[block_hex]
                 written[block_hex] = self._plane.write(block_hex, data)
-                self._bytes_moved[f"{self._plane_kind}_write"] += len(data)
+                self._count_moved(f"{self._plane_kind}_write", len(data))
         raise RuntimeError("KV store put did not converge")  # unreachable: see the docstring
 
     def _copy_to_disk(self, block_hex: str, dram_payload: bytes) -> bytes:
@@ -341,8 +344,8 @@ class RedisKVStore(KVStore):
             data = self._plane.read(dram_payload)
         except KeyError:
             return _DROP
-        self._bytes_moved[f"{self._plane_kind}_read"] += len(data)
-        self._bytes_moved["disk_write"] += len(data)
+        self._count_moved(f"{self._plane_kind}_read", len(data))
+        self._count_moved("disk_write", len(data))
         return self._disk.write(block_hex, data)
 
     # -- get ---------------------------------------------------------------------------
@@ -364,17 +367,17 @@ class RedisKVStore(KVStore):
         if tier == b"disk":
             assert self._disk is not None, "a disk block in a store opened without a disk tier"
             data = self._disk.read(payload)
-            self._bytes_moved["disk_read"] += len(data)
+            self._count_moved("disk_read", len(data))
         else:
             data = self._plane.read(payload)
-            self._bytes_moved[f"{self._plane_kind}_read"] += len(data)
+            self._count_moved(f"{self._plane_kind}_read", len(data))
         return data
 
     def _promote(self, block_hex: str, disk_payload: bytes, data: bytes) -> None:
         """Moves a disk block this handle pinned up to DRAM, swapping down the oldest
         unpinned DRAM block when DRAM is full; leaves it on disk when DRAM is all pinned."""
         new_dram = self._plane.write(block_hex, data)
-        self._bytes_moved[f"{self._plane_kind}_write"] += len(data)
+        self._count_moved(f"{self._plane_kind}_write", len(data))
         offer: tuple[bytes, ...] = ()
         try:
             for round_ in range(_MAX_DEMOTE_ROUNDS + 1):
@@ -454,6 +457,10 @@ class RedisKVStore(KVStore):
                 dead.append(raw)
         if dead:
             self._run_command("srem", f"{self._prefix}handles", *dead)
+
+    def _count_moved(self, path: str, num_bytes: int) -> None:
+        with self._moved_lock:
+            self._bytes_moved[path] += num_bytes
 
     def _run_command(self, name: str, *args: Any) -> Any:
         with self._unavailable_as_store_error():
