@@ -14,8 +14,7 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -e ".[dev]"
 # A real redis-server for the Redis-backed KV store and its tests.
 bash scripts/install_redis.sh
-# docker-compose validates compose.yaml in the tests (they fail without it unless
-# PDMESH_ALLOW_NO_COMPOSE=1).
+# docker-compose validates compose.yaml in the tests (they fail without it).
 if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || true
 fi

