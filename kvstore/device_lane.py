@@ -26,7 +26,6 @@ one process (``pdmesh up``), ``RedisLaneIndex`` for processes sharing a Redis st
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import threading
 import time
@@ -35,12 +34,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvstore.block_hash import HASH_BYTES, BlockHash
+from kvstore.gpu_paths import export_cuda_tensor, host_id, import_cuda_tensor
 
 _KEY_NAMES = ("arena", "slot", "taken")
 # Seconds before mapping an arena that could not be mapped is tried again.
@@ -305,7 +304,7 @@ class RedisLaneIndex(LaneIndex):
         return [f"{prefix}lane:{name}" for name in _KEY_NAMES]
 
     def register(self, arena: DeviceArena) -> None:
-        handle = export_rows(arena.rows) if arena.rows.is_cuda else {"host": host_id()}
+        handle = export_cuda_tensor(arena.rows) if arena.rows.is_cuda else {"host": host_id()}
         self._call("hset", self._keys["arena"], arena.arena_id, json.dumps(handle))
 
     def unregister(self, arena_id: str) -> None:
@@ -326,11 +325,11 @@ class RedisLaneIndex(LaneIndex):
         if raw is None:
             return None
         handle = json.loads(raw)
-        if handle.get("host") != host_id() or "handle" not in handle:
+        if "fields" not in handle:  # a host-memory arena: one process only
             return None
         try:
-            return import_rows(handle)
-        except RuntimeError:  # no IPC between these devices, or the writer is gone
+            return import_cuda_tensor(handle)
+        except RuntimeError:  # another host's, no IPC between these devices, or gone
             return None
 
     def publish(self, blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> None:
@@ -392,45 +391,3 @@ def _pack_blocks(blocks: Sequence[tuple[BlockHash, LaneSlot]]) -> bytes:
     return b"".join(
         packed[i * size : (i + 1) * size] + _pack_slot(slot) for i, (_, slot) in enumerate(blocks)
     )
-
-
-def host_id() -> str:
-    """This host's name and boot: CUDA IPC handles mean nothing on another host (or after a
-    reboot)."""
-    boot = Path("/proc/sys/kernel/random/boot_id")
-    return f"{socket.gethostname()}/{boot.read_text().strip() if boot.exists() else ''}"
-
-
-def export_rows(rows: torch.Tensor) -> dict[str, Any]:
-    """A JSON-able CUDA IPC handle of a device tensor (no pickle: it travels through Redis),
-    for processes of this host only."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    _, args = reduce_tensor(rows)
-    # (tensor cls, size, stride, offset, storage cls, dtype, device, handle, storage bytes,
-    #  storage offset, requires_grad, ref counter handle, ref counter offset, event handle,
-    #  event sync required)
-    fields = [args[1], args[2], args[3], *args[6:]]
-    encoded = [{"hex": f.hex()} if isinstance(f, bytes) else f for f in fields]
-    return {
-        "host": host_id(),
-        "handle": [list(f) if isinstance(f, torch.Size | tuple) else f for f in encoded],
-    }
-
-
-def import_rows(handle: dict[str, Any]) -> torch.Tensor:
-    """The exporter's rows mapped into this process (no copy)."""
-    from torch.multiprocessing.reductions import rebuild_cuda_tensor
-
-    fields = [bytes.fromhex(f["hex"]) if isinstance(f, dict) else f for f in handle["handle"]]
-    size, stride, offset, *rest = fields
-    tensor: torch.Tensor = rebuild_cuda_tensor(
-        torch.Tensor,
-        torch.Size(size),
-        tuple(stride),
-        offset,
-        torch.storage.TypedStorage,
-        torch.uint8,
-        *rest,
-    )
-    return tensor

@@ -8,14 +8,16 @@
   same host, so blocks move between GPUs (or two processes on one GPU) without the host.
   ``cuda_ipc_available()`` says whether this host can; callers fall back to host copies.
 
-The handle of ``export_cuda_tensor`` is a pickled-by-reference descriptor for another
-process *of this host* (a multiprocessing queue, a pipe): never send it across hosts.
+The handle of ``export_cuda_tensor`` is JSON-able data naming device memory of this host:
+another host cannot open it (``import_cuda_tensor`` refuses handles of other hosts).
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,7 +90,15 @@ def cuda_ipc_available() -> bool:
     return sys.platform.startswith("linux") and torch.cuda.is_available()
 
 
-CudaIpcHandle = tuple[Any, tuple[Any, ...]]
+# A CUDA IPC handle as plain JSON-able data (no pickle: it may travel through Redis).
+CudaIpcHandle = dict[str, Any]
+
+
+def host_id() -> str:
+    """This host's name and boot: CUDA IPC handles mean nothing on another host (or after a
+    reboot)."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return f"{socket.gethostname()}/{boot.read_text().strip() if boot.exists() else ''}"
 
 
 def export_cuda_tensor(tensor: torch.Tensor) -> CudaIpcHandle:
@@ -100,12 +110,34 @@ def export_cuda_tensor(tensor: torch.Tensor) -> CudaIpcHandle:
         raise ValueError(f"only CUDA tensors can be exported, got one on {tensor.device}")
     from torch.multiprocessing.reductions import reduce_tensor
 
-    rebuild, args = reduce_tensor(tensor)
-    return rebuild, args
+    _, args = reduce_tensor(tensor)
+    # (tensor cls, size, stride, offset, storage cls, dtype, device, handle, storage bytes,
+    #  storage offset, requires_grad, ref counter handle, ref counter offset, event handle,
+    #  event sync required): the classes are fixed, the rest is numbers and bytes.
+    fields = [list(args[1]), list(args[2]), args[3], *args[6:]]
+    return {
+        "host": host_id(),
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "fields": [{"hex": f.hex()} if isinstance(f, bytes) else f for f in fields],
+    }
 
 
 def import_cuda_tensor(handle: CudaIpcHandle) -> torch.Tensor:
-    """The exporter's device memory, mapped into this process (no copy)."""
-    rebuild, args = handle
-    tensor: torch.Tensor = rebuild(*args)
+    """The exporter's device memory, mapped into this process (no copy); RuntimeError where
+    it cannot be (another host, no IPC between the devices, the exporter gone)."""
+    if handle.get("host") != host_id():
+        raise RuntimeError("a CUDA IPC handle of another host (or boot)")
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    fields = [bytes.fromhex(f["hex"]) if isinstance(f, dict) else f for f in handle["fields"]]
+    size, stride, offset, *rest = fields
+    tensor: torch.Tensor = rebuild_cuda_tensor(
+        torch.Tensor,
+        torch.Size(size),
+        tuple(stride),
+        offset,
+        torch.storage.TypedStorage,
+        getattr(torch, handle["dtype"]),
+        *rest,
+    )
     return tensor

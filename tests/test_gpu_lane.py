@@ -16,15 +16,16 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.engine import Engine
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
-from kvstore.device_lane import DeviceArena, export_rows, import_rows
+from kvstore.device_lane import DeviceArena
 from kvstore.embedded import EmbeddedKVStore
+from kvstore.gpu_paths import export_cuda_tensor, import_cuda_tensor
 from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.gpu
 
 
 def _reader(handle_json: str, queue: Any) -> None:
-    rows = import_rows(json.loads(handle_json))
+    rows = import_cuda_tensor(json.loads(handle_json))
     queue.put(rows.cpu().tolist())
     rows[1].fill_(7)  # the writer sees this: one memory
     torch.cuda.synchronize()
@@ -37,7 +38,7 @@ def test_another_process_maps_the_arena_through_the_json_handle() -> None:
     torch.cuda.synchronize()
     context = mp.get_context("spawn")
     queue = context.Queue()
-    handle = json.dumps(export_rows(arena.rows))  # what RedisLaneIndex stores
+    handle = json.dumps(export_cuda_tensor(arena.rows))  # what RedisLaneIndex stores
     process = context.Process(target=_reader, args=(handle, queue))
     process.start()
     try:

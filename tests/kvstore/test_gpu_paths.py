@@ -56,6 +56,11 @@ def test_cuda_ipc_refuses_without_cuda_or_on_host_tensors() -> None:
             export_cuda_tensor(torch.zeros(4))
 
 
+def test_cuda_ipc_handles_of_another_host_are_refused() -> None:
+    with pytest.raises(RuntimeError, match="another host"):
+        import_cuda_tensor({"host": "elsewhere/boot", "dtype": "uint8", "fields": []})
+
+
 @pytest.mark.gpu
 def test_pinned_staging_round_trips_blocks_on_cuda() -> None:
     staging = PinnedStaging(BLOCK_BYTES, num_rows=4, device="cuda")
@@ -65,6 +70,7 @@ def test_pinned_staging_round_trips_blocks_on_cuda() -> None:
 
 def _read_through_ipc(handle: object, results: mp.Queue) -> None:  # type: ignore[type-arg]
     tensor = import_cuda_tensor(handle)  # type: ignore[arg-type]
+    assert tensor.dtype == torch.uint8
     results.put(tensor.cpu().numpy().tobytes())
 
 
