@@ -57,6 +57,7 @@ from engine.prefetch import Prefetcher
 from engine.sampling_params import SamplingParams
 from kvstore.base import KVStore
 from kvstore.embedded import EmbeddedKVStore
+from kvstore.local_redis import start_redis, stop_redis
 
 FIRST_ONLY = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 DECODE = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
@@ -243,9 +244,8 @@ def start_store(name: str, capacity: int) -> tuple[KVStore, Any]:
     if name == "embedded":
         return EmbeddedKVStore(capacity), None
     from kvstore.factory import open_store  # redis-py only where Redis is used
-    from kvstore.local_redis import start_local_redis
 
-    process, url = start_local_redis()
+    process, url = start_redis()
     return open_store(url.replace("redis", name, 1), capacity, namespace="bench"), process
 
 
@@ -282,8 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             store.close()
             if process is not None:
-                process.terminate()
-                process.wait(timeout=10)
+                stop_redis(process)
     return {
         "model": f"llama-3.1-8b shape ({args.layers} layers), random bf16"
         if model_dir

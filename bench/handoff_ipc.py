@@ -34,6 +34,7 @@ from bench.handoff import DECODE, FIRST_ONLY, PULL_INTERVAL_S, engine_config, ll
 from engine.config import EngineConfig
 from engine.engine import Engine
 from kvstore.factory import open_store
+from kvstore.local_redis import start_redis, stop_redis
 
 
 def decode_process(conn: Connection, config: EngineConfig, spec: str, capacity: int) -> None:
@@ -141,9 +142,7 @@ class ProcessBench:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from kvstore.local_redis import start_local_redis
-
-    process, url = start_local_redis()
+    process, url = start_redis()
     rows = []
     try:
         max_len = max(args.lengths) + 16
@@ -175,8 +174,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             finally:
                 bench.close()
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_redis(process)
     return rows
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from engine.config import EngineConfig
 from engine.kv_transfer import transfer_path
 from kvstore.factory import open_store
-from kvstore.local_redis import start_local_redis
+from kvstore.local_redis import start_redis, stop_redis
 from pdmesh.limits import ServingLimits
 from pdmesh.mesh import Mesh, MeshConfig, start_gateway, start_worker
 from pdmesh.request_log import configure_logging
@@ -73,7 +73,7 @@ def describe_workers(security: SecurityConfig, generated_secret: bool) -> str:
 def run_up(args: argparse.Namespace, engine: EngineConfig, security: SecurityConfig) -> int:
     redis_process = None
     if args.store in ("redis", "redis+shm"):
-        redis_process, url = start_local_redis()
+        redis_process, url = start_redis()
         scheme = "redis+shm" if args.store == "redis+shm" else "redis"
         args.store = url.replace("redis", scheme, 1)
         print(f"pdmesh: started redis-server at {url}", flush=True)
@@ -81,8 +81,7 @@ def run_up(args: argparse.Namespace, engine: EngineConfig, security: SecurityCon
         return _run_mesh(args, engine, security)
     finally:
         if redis_process is not None:
-            redis_process.terminate()
-            redis_process.wait(timeout=10)
+            stop_redis(redis_process)
 
 
 def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: SecurityConfig) -> int:
