@@ -17,11 +17,8 @@ pulls every 2 ms while the prefill runs, as a decode worker does.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import dataclasses
 import multiprocessing as mp
-import os
-import pstats
 import statistics
 import time
 from multiprocessing.connection import Connection
@@ -43,28 +40,17 @@ def decode_process(conn: Connection, config: EngineConfig, spec: str, capacity: 
         torch.cuda.set_device(config.device)  # graphs and kernels on the worker's GPU
     engine = Engine(config, open_store(spec, capacity, namespace="bench"))
     conn.send("ready")
-    # PDMESH_PROFILE=pull or resume: where the decode process spends that time.
-    profiled = os.environ.get("PDMESH_PROFILE", "")
-    profiler = cProfile.Profile() if profiled else None
     while True:
         message = conn.recv()
         if message[0] == "stop":
-            if profiler is not None:
-                pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
             break
         _, prompt, request_id = message
         engine.prefetch(prompt, DECODE, request_id)
         while not conn.poll(PULL_INTERVAL_S):
-            if profiler is not None and profiled == "pull":
-                profiler.runcall(engine.prefetcher.pull)  # type: ignore[union-attr]
-            else:
-                engine.prefetcher.pull()  # type: ignore[union-attr]
+            engine.prefetcher.pull()  # type: ignore[union-attr]
         _, token, hashes = conn.recv()
         received = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
-        if profiler is not None and profiled == "resume":
-            profiler.runcall(engine.resume, request_id, token, hashes)
-        else:
-            engine.resume(request_id, token, hashes)
+        engine.resume(request_id, token, hashes)
         resumed = time.perf_counter()
         sync(config.device)
         done = time.perf_counter()
@@ -90,12 +76,6 @@ class ProcessBench:
         self.child.start()
         assert self.conn.recv() == "ready"
         self.count = 0
-        # PDMESH_PROFILE set: where the prefill's lane publishing spends its time.
-        self.profiler = cProfile.Profile() if os.environ.get("PDMESH_PROFILE") else None
-        lane = self.prefill.kv.lane if self.prefill.kv else None
-        if self.profiler is not None and lane is not None:
-            publish, profiler = lane.publish, self.profiler
-            lane.publish = lambda *args: profiler.runcall(publish, *args)  # type: ignore[method-assign]
 
     def prompt(self, length: int) -> list[int]:
         self.count += 1
@@ -134,8 +114,6 @@ class ProcessBench:
         }
 
     def close(self) -> None:
-        if self.profiler is not None:
-            pstats.Stats(self.profiler).sort_stats("cumulative").print_stats(25)
         self.conn.send(("stop",))
         self.child.join(timeout=60)
         self.prefill.shutdown()

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from engine.config import EngineConfig
+from engine.cli import engine_config_from
 from pdmesh.bench import plots
 from pdmesh.bench.arrivals import arrival_offsets
 from pdmesh.bench.env import environment, write_json
@@ -97,15 +97,9 @@ def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
     )
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig.from_env(
-        model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len
-    )
-
-
 def mesh_config(args: argparse.Namespace, mode: str, prefill: int, decode: int) -> MeshConfig:
     return MeshConfig(
-        engine=engine_config(args),
+        engine=engine_config_from(args),
         gateway_port=0,
         num_prefill=prefill,
         num_decode=decode if mode == "disaggregated" else 0,
