@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 
@@ -53,18 +54,22 @@ class LaneTransfer:
         arena = self.arena
         assert arena is not None and len(block_ids) == len(hashes)
         rows = arena.next_rows(len(block_ids))
-        # Before the rows change, their blocks lose their names (a block no reader took
-        # goes to the store first, so a published block stays readable).
-        old = arena.contents(rows)
-        taken = self.index.forget_taken(old)
-        untaken = [block for block, is_taken in zip(old, taken, strict=True) if not is_taken]
-        self._demote(untaken)
-        self.index.forget(untaken)
+        self._retire(rows)  # before the rows change
         data = self.runner.device_rows(block_ids)  # (num_blocks, block_bytes)
         arena.rows.index_copy_(0, self.runner.to_device(rows, torch.int64), data)
         self.runner.wait_device()  # readers on other streams and processes see whole rows
         slots = arena.fill(rows, hashes)
         self.index.publish(list(zip(hashes, slots, strict=True)))
+
+    def _retire(self, rows: Sequence[int]) -> None:
+        """The rows' blocks lose their names; a block no reader took goes to the store
+        first, so a published block stays readable."""
+        assert self.arena is not None
+        old = self.arena.contents(rows)
+        taken = self.index.forget_taken(old)
+        untaken = [block for block, is_taken in zip(old, taken, strict=True) if not is_taken]
+        self._demote(untaken)
+        self.index.forget(untaken)
 
     def _demote(self, blocks: list[tuple[BlockHash, LaneSlot]]) -> None:
         """Writes the blocks the store lacks to it, unpinned."""
@@ -88,7 +93,9 @@ class LaneTransfer:
     def reachable(self, hashes: list[BlockHash]) -> list[LaneSlot | None]:
         """Each block's slot where this process can map its arena, else None."""
         slots = self.index.lookup(hashes)
-        return [s if s and self.index.arena_rows(s.arena_id) is not None else None for s in slots]
+        arenas = {s.arena_id for s in slots if s is not None}
+        mapped = {a for a in arenas if self.index.arena_rows(a) is not None}
+        return [s if s is not None and s.arena_id in mapped else None for s in slots]
 
     @torch.inference_mode()
     def copy(self, block_ids: list[int], hashes: list[BlockHash]) -> list[tuple[int, LaneSlot]]:
@@ -145,11 +152,7 @@ class LaneTransfer:
         if self.arena is None:
             return
         try:
-            old = self.arena.contents(range(self.arena.num_rows))
-            taken = self.index.forget_taken(old)
-            untaken = [block for block, is_taken in zip(old, taken, strict=True) if not is_taken]
-            self._demote(untaken)
-            self.index.forget(untaken)
+            self._retire(range(self.arena.num_rows))
         finally:
             self.index.unregister(self.arena.arena_id)
             self.arena.close()
