@@ -190,31 +190,42 @@ class RowsMoveOnDuringCopy(MemoryLaneIndex):
         return super().confirm(blocks)
 
 
-def test_blocks_whose_rows_moved_on_during_the_copy_come_from_the_store(
-    model_dir: str, expected: list[int]
-) -> None:
+def resume_while_prefilling(
+    model_dir: str, num_rows: int, during_copy: list[int]
+) -> tuple[KVStore, LaneTransfer, Engine, list[int]]:
+    """PROMPT prefilled into a lane of ``num_rows``; then the decode engine resumes it while
+    the prefill engine prefills ``during_copy`` (between the copy and its confirmation).
+    Returns the store, the prefill's lane, the decode engine and the first token."""
     from kvstore.embedded import EmbeddedKVStore
 
     store = EmbeddedKVStore(256)
     index = RowsMoveOnDuringCopy()
     store._lane = index  # this store's lane is the racing one
     prefill, decode = engines(model_dir, store)
-    lane = small_lane(prefill, store, num_rows=13)
-    prefill.add_request(PROMPT, dataclasses.replace(PARAMS, max_tokens=1), "r")
+    lane = small_lane(prefill, store, num_rows)
+    one_token = dataclasses.replace(PARAMS, max_tokens=1)
+    prefill.add_request(PROMPT, one_token, "r")
     decode.prefetch(PROMPT, PARAMS, "r")
     first = prefill_until_first_token(prefill, lambda: None)
     assert first.kv_hashes is not None
-    # The resume copies all 13 blocks; meanwhile another prompt takes 4 of their rows.
-    other = [(11 * i + 5) % 500 for i in range(32)]
     index.during_copy = lambda: (
-        prefill.add_request(other, dataclasses.replace(PARAMS, max_tokens=1), "other"),
+        prefill.add_request(during_copy, one_token, "during-copy"),
         prefill_until_first_token(prefill, lambda: None),
     )
     decode.resume("r", first.new_token_ids[0], first.kv_hashes)
+    return store, lane, decode, first.new_token_ids
+
+
+def test_blocks_whose_rows_moved_on_during_the_copy_come_from_the_store(
+    model_dir: str, expected: list[int]
+) -> None:
+    # The resume copies all 13 blocks; meanwhile another prompt takes 4 of their rows.
+    other = [(11 * i + 5) % 500 for i in range(32)]
+    store, lane, decode, first = resume_while_prefilling(model_dir, 13, during_copy=other)
     assert decode.kv is not None and decode.kv.lane is not None
     assert decode.kv.lane.num_filled_blocks == 9, "4 rows moved on during the copy"
     assert lane.num_demoted_blocks == 4, "the writer saved them first: nobody had taken them"
-    assert first.new_token_ids + decode_all(decode) == expected
+    assert first + decode_all(decode) == expected
     assert store.stats().num_pinned_blocks == 0
 
 
@@ -254,29 +265,14 @@ def test_an_arena_the_decode_process_cannot_map_leaves_it_to_recompute(
 def test_a_block_republished_during_the_copy_is_copied_again_from_its_new_slot(
     model_dir: str, expected: list[int]
 ) -> None:
-    from kvstore.embedded import EmbeddedKVStore
-
-    store = EmbeddedKVStore(256)
-    index = RowsMoveOnDuringCopy()
-    store._lane = index
-    prefill, decode = engines(model_dir, store)
-    lane = small_lane(prefill, store, num_rows=32)
-    prefill.add_request(PROMPT, dataclasses.replace(PARAMS, max_tokens=1), "r")
-    decode.prefetch(PROMPT, PARAMS, "r")
-    first = prefill_until_first_token(prefill, lambda: None)
-    assert first.kv_hashes is not None
     # The same prompt again: the prefill's own prefix cache holds it, and it publishes all
     # 13 blocks again, into new rows, while the decode worker copies the first ones.
-    index.during_copy = lambda: (
-        prefill.add_request(PROMPT, dataclasses.replace(PARAMS, max_tokens=1), "again"),
-        prefill_until_first_token(prefill, lambda: None),
-    )
-    decode.resume("r", first.new_token_ids[0], first.kv_hashes)
+    store, lane, decode, first = resume_while_prefilling(model_dir, 32, during_copy=PROMPT)
     assert decode.kv is not None and decode.kv.lane is not None
     assert lane.arena is not None and sum(h is not None for h in lane.arena.held) == 26
     assert decode.kv.lane.num_filled_blocks == 13, "copied again from the new slots"
     assert lane.num_demoted_blocks == 0 and store.stats().num_blocks == 0, "no store needed"
-    assert first.new_token_ids + decode_all(decode) == expected
+    assert first + decode_all(decode) == expected
 
 
 def test_closing_a_lane_demotes_what_no_reader_took(
