@@ -22,7 +22,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--handoff-lane-mib",
         type=int,
-        help="device memory of a prefill worker's hand-off lane (0: off; default 2048 on CUDA)",
+        help="device memory of a prefill worker's hand-off lane (0: none; default 2048 on CUDA)",
     )
 
 

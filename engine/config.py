@@ -117,8 +117,9 @@ class CacheConfig:
     #: Reuse full blocks whose token prefix is already cached (hash chain over token ids).
     enable_prefix_caching: bool = True
     #: Device memory a prefill worker keeps for the hand-off lane (``kvstore.device_lane``:
-    #: decode workers of the host copy fresh blocks device to device); 0 turns the lane
-    #: off, None picks 2 GiB (at most 1/32 of the device) on CUDA and no lane on the CPU.
+    #: decode workers of the host copy fresh blocks device to device); 0: it publishes
+    #: through the store. None picks 2 GiB (at most 1/32 of the device) on CUDA and no lane
+    #: at all on the CPU. Decode workers read the lane whatever their own value.
     handoff_lane_mib: int | None = None
     #: Write finished requests' blocks to the store on a background thread (the decode loop
     #: does not wait for host memory); None: on CUDA only (``engine.host_publisher``).

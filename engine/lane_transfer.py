@@ -161,17 +161,18 @@ class LaneTransfer:
 def open_lane(
     store: KVStore, runner: ModelRunner, lane_mib: int | None, publishes: bool
 ) -> LaneTransfer | None:
-    """The worker's lane, where its store has one. A worker that ``publishes`` hand-offs
-    (prefill) gets an arena of ``lane_mib`` (``CacheConfig.handoff_lane_mib``) or none; every
-    other worker reads the lane, whatever its own setting."""
+    """The worker's lane, where its store has one: on CUDA always, on the CPU only when
+    ``lane_mib`` (``CacheConfig.handoff_lane_mib``) is given. A worker that ``publishes``
+    hand-offs (prefill) gets an arena of ``lane_mib`` (0: none); every other worker reads
+    the lane, whatever its own size."""
+    if lane_mib is None and runner.device.type != "cuda":
+        return None  # the default on the CPU: no lane, nothing to look up on every pull
     index = store.device_lane()
     if index is None:
         return None
     if not publishes:  # a reader reads whatever a prefill worker of the store publishes
         return LaneTransfer(index, runner, store)
-    if lane_mib is None:  # the default: on CUDA only
-        if runner.device.type != "cuda":
-            return None
+    if lane_mib is None:
         total = torch.cuda.get_device_properties(runner.device).total_memory
         lane_mib = min(DEFAULT_LANE_MIB, total // 32 // 2**20)
     if not lane_mib:
