@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from gateway.sessions import WorkerSession
 from kvstore.block_hash import BlockHash
 from pdmesh.request_log import client_interceptors
 from pdmesh.rpc import WorkerUnavailableError
@@ -55,6 +56,14 @@ class Worker:
     recent_blocks: OrderedDict[BlockHash, None] = field(default_factory=OrderedDict)
     #: The last requests routed here (for operators and tests).
     recent_requests: deque[str] = field(default_factory=lambda: deque(maxlen=256))
+    #: The one stream every request routed here travels on.
+    session: WorkerSession = field(init=False)
+
+    def __post_init__(self) -> None:
+        def broken() -> None:  # out of rotation until its Load answers again
+            self.healthy = False
+
+        self.session = WorkerSession(self.stub.Session, broken)
 
     @property
     def free_blocks(self) -> int:
@@ -131,6 +140,7 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         for worker in self.workers:
+            await worker.session.close()
             await worker.channel.close()
 
     async def refresh(self) -> None:

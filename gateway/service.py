@@ -20,6 +20,7 @@ from engine.errors import InvalidRequestError
 from engine.text_output import TextStream
 from gateway.admission import Admission
 from gateway.router import Router, Worker
+from gateway.sessions import Delta, RequestFeed, WorkerGoneError
 from gateway.validation import ValidRequest, prompt_ids_of, validate
 from kvstore.base import KVStore
 from kvstore.block_hash import hash_full_blocks
@@ -35,21 +36,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 UNSPECIFIED = gen_pb.FINISH_REASON_UNSPECIFIED
-#: Codes of a worker call that mean the worker went away (CANCELLED: it stopped mid-call;
-#: the gateway's own cancellations surface as asyncio.CancelledError instead).
-WORKER_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-
-
-async def first_or_abort(work: asyncio.Future[Any], aborted: asyncio.Event) -> bool:
-    """Waits for ``work`` or for an Abort; True when ``work`` finished first."""
-    if aborted.is_set():
-        return False
-    waiter = asyncio.ensure_future(aborted.wait())
-    try:
-        done, _ = await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-    return work in done
 
 
 @dataclass
@@ -85,59 +71,15 @@ class Running:
     clock: RequestClock = field(default_factory=RequestClock)
     cached_tokens: int = 0
     num_completion_tokens: int = 0
-    aborted: asyncio.Event = field(default_factory=asyncio.Event)
+    aborted: bool = False
+    #: The feeds the request is reading now (an Abort interrupts them).
+    feeds: list[RequestFeed] = field(default_factory=list)
 
-
-class DecodeCall:
-    """The call to a decode worker for one request. Pipelined, it opens at once with the
-    prompt alone (the worker starts pulling blocks as the prefill publishes them) and the
-    first token follows as a second message; otherwise the one message goes after the
-    prefill. Closing it (cancelling the call) frees the request on the worker."""
-
-    def __init__(
-        self, worker: Worker, request: ValidRequest, pipelined_namespace: str | None
-    ) -> None:
-        self.worker = worker
-        self.request = request
-        self._second: asyncio.Future[worker_pb.DecodeRequest] = asyncio.Future()
-        self._call: Any = None
-        worker.in_flight += 1
-        if pipelined_namespace is not None:  # the worker hashes the prompt itself
-            opening = self._message()
-            opening.kv.namespace = pipelined_namespace
-            self._call = worker.stub.Decode(self._messages(opening))
-
-    @property
-    def call(self) -> Any:
-        assert self._call is not None
-        return self._call
-
-    def _message(self) -> worker_pb.DecodeRequest:
-        return worker_pb.DecodeRequest(
-            request_id=self.request.request_id,
-            prompt_token_ids=self.request.prompt_token_ids,
-            sampling=sampling_to_pb(self.request.params),
-        )
-
-    async def _messages(self, opening: worker_pb.DecodeRequest | None) -> AsyncIterator[Any]:
-        if opening is not None:
-            yield opening
-        yield await self._second
-
-    def continue_after(self, prefill: worker_pb.PrefillResponse) -> None:
-        """Hands the prefill's first token and blocks to the decode worker."""
-        message = self._message()
-        message.first_token_id = prefill.first_token_id
-        message.kv.CopyFrom(prefill.kv)
-        self._second.set_result(message)
-        if self._call is None:
-            self._call = self.worker.stub.Decode(self._messages(None))
-
-    def close(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-        self._second.cancel()
-        self.worker.in_flight -= 1
+    def read(self, feed: RequestFeed) -> RequestFeed:
+        self.feeds.append(feed)
+        if self.aborted:
+            feed.interrupt()
+        return feed
 
 
 class GatewayCore:
@@ -219,29 +161,34 @@ class GatewayCore:
             async for piece in self._colocated(state):
                 yield piece
             return
-        namespace = self.namespace.decode() if self.pipeline_handoff else None
-        decode = DecodeCall(self.router.pick_decode(), state.request, namespace)
+        request = state.request
+        decode = self.router.pick_decode()
+        decode.in_flight += 1
+        feed = None
+        if self.pipeline_handoff:  # the worker pulls blocks while the prefill computes them
+            opening = self._start_message(request)
+            opening.kv.namespace = self.namespace.decode()
+            feed = state.read(decode.session.start(opening))
         try:
             prefill = await self._prefill(state)
             state.cached_tokens = prefill.cached_tokens
-            reason = prefill.finish_reason
-            logprobs = [prefill.logprob] if prefill.HasField("logprob") else []
-            first = [] if reason == gen_pb.FINISH_REASON_ABORT else [prefill.first_token_id]
-            yield self._piece(state, first, logprobs, reason)
+            reason = gen_pb.FINISH_REASON_ABORT if prefill.interrupted else prefill.finish_reason
+            yield self._piece(state, prefill.token_ids, prefill.logprobs, reason)
             if reason != UNSPECIFIED or state.text.stopped:
                 return
-            if state.aborted.is_set():
-                yield self._piece(state, [], [], gen_pb.FINISH_REASON_ABORT)
-                return
-            decode.continue_after(prefill)
-            async for piece in self._follow(state, decode.call):
+            assert prefill.kv is not None
+            if feed is None:
+                message = self._start_message(request)
+                message.first_token_id = prefill.token_ids[0]
+                message.kv.CopyFrom(prefill.kv)
+                feed = state.read(decode.session.start(message))
+            else:
+                decode.session.resume(request.request_id, prefill.token_ids[0], prefill.kv)
+            async for piece in self._follow(state, feed):
                 yield piece
-        except grpc.aio.AioRpcError as error:
-            if error.code() in WORKER_GONE:
-                self.router.mark_failed(decode.worker)  # until its Load answers again
-            raise
         finally:
-            decode.close()
+            decode.session.end(request.request_id)
+            decode.in_flight -= 1
 
     async def _route_prompt(self, state: Running, exclude: set[Worker]) -> tuple[Worker, int]:
         """A prefill (or colocated) worker and the prompt tokens it will have to compute."""
@@ -255,36 +202,32 @@ class GatewayCore:
         worker.recent_requests.append(state.request.request_id)
         return worker, max(uncached, 1)
 
-    def _prompt_message(self, request: ValidRequest) -> worker_pb.PrefillRequest:
-        return worker_pb.PrefillRequest(
+    def _start_message(self, request: ValidRequest) -> worker_pb.StartRequest:
+        return worker_pb.StartRequest(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
             sampling=sampling_to_pb(request.params),
         )
 
-    async def _prefill(self, state: Running) -> worker_pb.PrefillResponse:
-        """One retry on another worker when a prefill worker is gone."""
+    async def _prefill(self, state: Running) -> Delta:
+        """The first token and the hand-off; one retry on another worker when a prefill
+        worker is gone."""
         tried: set[Worker] = set()
-        message = self._prompt_message(state.request)
         while True:
             worker, uncached = await self._route_prompt(state, tried)
             worker.outstanding_tokens += uncached
             worker.in_flight += 1
-            call = worker.stub.Prefill(message)
+            feed = state.read(worker.session.start(self._start_message(state.request)))
             try:
-                response = asyncio.ensure_future(call)
-                if not await first_or_abort(response, state.aborted):
-                    call.cancel()  # the prefill worker frees the request and its pins
-                    return worker_pb.PrefillResponse(finish_reason=gen_pb.FINISH_REASON_ABORT)
-                return response.result()  # type: ignore[no-any-return]
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in WORKER_GONE or tried:
+                return await feed.next()  # a prefill reports once, at its end
+            except WorkerGoneError:
+                if tried:
                     raise
-                self.router.mark_failed(worker)
                 tried.add(worker)
             finally:
-                # Cancelled (client gone, deadline): the worker must drop the request too.
-                call.cancel()
+                # Aborted, cancelled (client gone, deadline): the worker drops it too.
+                worker.session.end(state.request.request_id)
+                state.feeds.remove(feed)
                 worker.outstanding_tokens -= uncached
                 worker.in_flight -= 1
 
@@ -292,43 +235,36 @@ class GatewayCore:
         worker, uncached = await self._route_prompt(state, set())
         worker.outstanding_tokens += uncached
         worker.in_flight += 1
-        call = worker.stub.Generate(self._prompt_message(state.request))
+        feed = state.read(worker.session.start(self._start_message(state.request)))
         try:
             first = True
-            async for piece in self._follow(state, call):
+            async for piece in self._follow(state, feed):
                 if first:  # prompt work is done once the first token is out
                     worker.outstanding_tokens -= uncached
                     uncached, first = 0, False
                 yield piece
         finally:
-            call.cancel()
+            worker.session.end(state.request.request_id)
             worker.outstanding_tokens -= uncached
             worker.in_flight -= 1
 
-    async def _follow(self, state: Running, call: Any) -> AsyncIterator[gen_pb.GenerateResponse]:
-        """Relays a worker's token stream; a stop string or an Abort ends it early (an Abort
-        at once, even while no token is coming), and cancelling the call frees the request
-        on the worker."""
-        try:
-            while True:
-                read = asyncio.ensure_future(call.read())
-                if not await first_or_abort(read, state.aborted):
-                    read.cancel()
-                    yield self._piece(state, [], [], gen_pb.FINISH_REASON_ABORT)
-                    return
-                piece = read.result()
-                if piece is grpc.aio.EOF:
-                    return
-                if piece.cached_tokens:
-                    state.cached_tokens = piece.cached_tokens
-                response = self._piece(
-                    state, list(piece.token_ids), list(piece.logprobs), piece.finish_reason
-                )
-                yield response
-                if response.finish_reason != UNSPECIFIED:
-                    return
-        finally:
-            call.cancel()
+    async def _follow(
+        self, state: Running, feed: RequestFeed
+    ) -> AsyncIterator[gen_pb.GenerateResponse]:
+        """Relays a worker's tokens, everything that arrived since the last read in one
+        piece; a stop string or an Abort ends it early (an Abort at once, even while no
+        token is coming)."""
+        while True:
+            delta = await feed.next()
+            if delta.interrupted:
+                yield self._piece(state, [], [], gen_pb.FINISH_REASON_ABORT)
+                return
+            if delta.cached_tokens:
+                state.cached_tokens = delta.cached_tokens
+            response = self._piece(state, delta.token_ids, delta.logprobs, delta.finish_reason)
+            yield response
+            if response.finish_reason != UNSPECIFIED:
+                return
 
     def _piece(
         self, state: Running, token_ids: list[int], logprobs: list[Any], reason: int
@@ -361,7 +297,9 @@ class GatewayCore:
         state = self.running.get(request_id)
         if state is None:
             return False
-        state.aborted.set()
+        state.aborted = True
+        for feed in state.feeds:
+            feed.interrupt()
         return True
 
 

@@ -183,14 +183,20 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig, security: Security
                 await core.router.close()
         else:
             worker = await start_worker(
-                args.role, engine, store, address, security, metrics_port, limits
+                args.role,
+                engine,
+                args.store,
+                address,
+                security,
+                metrics_port,
+                limits,
+                args.store_capacity_blocks,
             )
             metrics = worker.metrics
 
             async def stop() -> None:
                 await drain_worker(worker.server, worker.engine, limits.drain_timeout_s)
-                await worker.server.stop()
-                worker.engine.stop()
+                await worker.stop()
 
         is_gateway = args.role == "gateway"
         described = describe_gateway(security) if is_gateway else describe_workers(security, False)

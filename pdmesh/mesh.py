@@ -11,12 +11,14 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import subprocess
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from engine.async_engine import AsyncEngine
+from decode_svc.service import ColocatedServicer, DecodeServicer
 from engine.config import EngineConfig
-from engine.engine import Engine, cache_namespace
+from engine.core.client import EngineCoreClient
+from engine.engine import cache_namespace
 from engine.model_source import load_model_config, resolve_model
 from engine.tokenizer import load_tokenizer
 from gateway.admission import Admission
@@ -24,6 +26,7 @@ from gateway.router import Router
 from gateway.service import GatewayCore, GenerationServicer
 from kvstore.base import KVStore
 from kvstore.factory import open_store
+from kvstore.local_redis import start_redis, stop_redis
 from pdmesh.auth import gateway_interceptors, worker_channel, worker_interceptors
 from pdmesh.limits import ServingLimits
 from pdmesh.request_log import ServiceInterceptor
@@ -32,6 +35,7 @@ from pdmesh.security import SecurityConfig
 from pdmesh.shutdown import drain_gateway
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
+from prefill_svc.service import PrefillServicer
 
 if TYPE_CHECKING:
     from pdmesh.metrics import WorkerMetrics
@@ -109,7 +113,7 @@ def service_metrics_port(first: int | None, index: int) -> int | None:
 class WorkerHandle:
     role: str
     server: Server
-    engine: AsyncEngine
+    engine: EngineCoreClient
     #: The host a local client dials (its listen host, or loopback for a wildcard).
     host: str = "127.0.0.1"
     metrics: WorkerMetrics | None = None
@@ -118,26 +122,40 @@ class WorkerHandle:
     def address(self) -> str:
         return f"{self.host}:{self.server.port}"
 
+    async def stop(self) -> None:
+        await self.server.stop()
+        await self.engine.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+
+
+SERVICERS = {
+    "prefill": (PrefillServicer, worker_grpc.add_PrefillWorkerServicer_to_server),
+    "decode": (DecodeServicer, worker_grpc.add_DecodeWorkerServicer_to_server),
+    "colocated": (ColocatedServicer, worker_grpc.add_ColocatedWorkerServicer_to_server),
+}
+
 
 async def start_worker(
     role: str,
     config: EngineConfig,
-    store: KVStore,
+    store: str,
     address: str,
     security: SecurityConfig,
     metrics_port: int | None = None,
     limits: ServingLimits | None = None,
+    store_capacity_blocks: int = 8192,
+    env: dict[str, str] | None = None,
 ) -> WorkerHandle:
-    """A worker that admits only callers holding ``security.mesh_secret`` (required).
-    ``metrics_port``: serve /metrics there (0: a free port; None: no metrics)."""
-    from decode_svc.service import ColocatedServicer, DecodeServicer
-    from prefill_svc.service import PrefillServicer
-
+    """A worker (its servicer here, its engine core in a process of its own) that admits
+    only callers holding ``security.mesh_secret`` (required). ``store``: the spec of the
+    store its engine opens. ``metrics_port``: serve /metrics there (0: a free port; None:
+    no metrics). ``env``: the engine core's environment additions (device placement)."""
     metrics = None
     if metrics_port is not None:  # prometheus_client is imported only where metrics are on
         from pdmesh.metrics import WorkerMetrics
 
-        metrics = WorkerMetrics(role, store)
+        metrics = WorkerMetrics(role)
         metrics.serve(metrics_port, address.rsplit(":", 1)[0])  # a taken port fails at once
     server = Server(
         address,
@@ -147,38 +165,37 @@ async def start_worker(
         outer_interceptors=[ServiceInterceptor(role, metrics)],
     )
     await server.start()  # health answers NOT_SERVING while the model loads
-    if metrics is not None:
-        store = metrics.metered(store)
-    kv_store = None if role == "colocated" else store
-    engine = await asyncio.to_thread(Engine, config, kv_store, role == "prefill")
     loop = asyncio.get_running_loop()
 
-    def on_lost() -> None:  # from the engine thread: health turns NOT_SERVING
+    def on_lost() -> None:  # health turns NOT_SERVING
         asyncio.run_coroutine_threadsafe(server.set_not_serving(), loop)
 
-    async_engine = AsyncEngine(
-        engine,
+    core = EngineCoreClient(
+        config,
+        role,
+        None if role == "colocated" else store,
+        store_capacity_blocks,
         name=f"{role}-{server.port}",
-        on_lost=on_lost,
         max_waiting=(limits or ServingLimits()).max_waiting,
+        on_lost=on_lost,
+        env=env,
+        metrics=metrics is not None,
     )
+    try:
+        await core.start()
+    except BaseException:
+        await server.stop(0)
+        await core.stop()
+        raise
     if metrics is not None:
-        metrics.watch(async_engine)
-    if role == "prefill":
-        worker_grpc.add_PrefillWorkerServicer_to_server(
-            PrefillServicer(async_engine), server.server
-        )
-    elif role == "decode":
-        worker_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(async_engine), server.server)
-    else:
-        worker_grpc.add_ColocatedWorkerServicer_to_server(
-            ColocatedServicer(async_engine), server.server
-        )
+        metrics.watch(core)
+    servicer, add = SERVICERS[role]
+    add(servicer(core), server.server)  # type: ignore[operator]
     await server.set_serving()
     logger.info("%s worker serving on port %d", role, server.port)
     host = address.rsplit(":", 1)[0]
     wildcard = host in ("", "0.0.0.0", "::", "[::]")
-    return WorkerHandle(role, server, async_engine, "127.0.0.1" if wildcard else host, metrics)
+    return WorkerHandle(role, server, core, "127.0.0.1" if wildcard else host, metrics)
 
 
 async def start_gateway(
@@ -246,12 +263,19 @@ async def start_gateway(
 
 
 class Mesh:
-    """Gateway + workers + store in this process."""
+    """Gateway and worker services in this process, each engine core in its own, and a
+    store they all share. The embedded store becomes a private redis-server with block
+    bytes in shared memory (engine cores are separate processes): no external server."""
 
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
         self.security = config.security.with_mesh_secret()
-        self.store = open_store(config.store, config.store_capacity_blocks)
+        self.store_spec = config.store
+        self._redis: subprocess.Popen[bytes] | None = None
+        if config.store == "embedded":
+            self._redis, url = start_redis()
+            self.store_spec = url.replace("redis://", "redis+shm://", 1)
+        self.store = open_store(self.store_spec, config.store_capacity_blocks)
         self.workers: list[WorkerHandle] = []
         self.gateway: Server | None = None
         self.core: GatewayCore | None = None
@@ -271,14 +295,24 @@ class Mesh:
             "decode": config.decode_tp,
             "colocated": config.prefill_tp,
         }
-        for index, role in enumerate(roles):
+
+        async def one(index: int, role: str) -> WorkerHandle:
             address = f"{config.worker_host}:{config.worker_port(index)}"
             engine = dataclasses.replace(config.engine, tensor_parallel_size=tp[role])
             port = service_metrics_port(config.metrics_port, 1 + index)
-            worker = await start_worker(
-                role, engine, self.store, address, self.security, port, config.limits
+            return await start_worker(
+                role,
+                engine,
+                self.store_spec,
+                address,
+                self.security,
+                port,
+                config.limits,
+                config.store_capacity_blocks,
             )
-            self.workers.append(worker)
+
+        # The engines load their models at the same time, each in its own process.
+        self.workers = list(await asyncio.gather(*(one(i, r) for i, r in enumerate(roles))))
         self.gateway, self.core = await start_gateway(
             config.engine,
             self.store,
@@ -315,9 +349,7 @@ class Mesh:
             await self.core.router.close()
             if self.core.metrics is not None:
                 self.core.metrics.stop()
-        for worker in self.workers:
-            await worker.server.stop()
-            worker.engine.stop()
-            if worker.metrics is not None:
-                worker.metrics.stop()
+        await asyncio.gather(*(worker.stop() for worker in self.workers))
         self.store.close()
+        if self._redis is not None:
+            stop_redis(self._redis)

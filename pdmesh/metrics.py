@@ -17,24 +17,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from kvstore.base import KVStore, StoreStats
-from kvstore.base import StoreMetrics as KVStoreMetrics
-from kvstore.block_hash import BlockHash
+from kvstore.base import KVStore
+from kvstore.metered import LATENCY_BUCKETS, MeteredStore, StoreMetrics, store_path
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
-    from engine.scheduler import ScheduledChunk
+    from engine.core.client import EngineCoreClient
+    from engine.core.messages import StepBatch
 
 logger = logging.getLogger(__name__)
 
-#: Latency buckets (seconds) from 1 ms to 10 min: CPU runs are slow, GPU runs fast.
-LATENCY_BUCKETS = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
-)  # fmt: skip
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -43,10 +38,11 @@ class ServiceMetrics:
     """A registry, the RPC and store metrics every service has, and the HTTP server that
     exposes them."""
 
-    def __init__(self, service: str, store: KVStore) -> None:
+    def __init__(self, service: str, store: KVStore | None) -> None:
         self.service = service
         self.registry = CollectorRegistry(auto_describe=True)
-        self.store = StoreMetrics(self.registry, store_path(store))
+        #: This service's store traffic; None where another process moves the blocks.
+        self.store = StoreMetrics(self.registry, store_path(store)) if store else None
         self.rpc_requests = Counter(
             "pdmesh_rpc_requests",
             "RPCs handled, by method and final gRPC status code",
@@ -86,6 +82,7 @@ class ServiceMetrics:
 
     def metered(self, store: KVStore) -> KVStore:
         """This service's view of ``store``: the same blocks, counted here."""
+        assert self.store is not None
         return MeteredStore(store, self.store)
 
     def rpc_started(self, method: str) -> float:
@@ -96,109 +93,6 @@ class ServiceMetrics:
         self.rpc_in_flight.labels(method).dec()
         self.rpc_requests.labels(method, code).inc()
         self.rpc_seconds.labels(method).observe(time.perf_counter() - started)
-
-
-class StoreMetrics:
-    """KV store traffic of one service: bytes and time per path and direction, hits/misses."""
-
-    def __init__(self, registry: CollectorRegistry, path: str) -> None:
-        self.path = path
-        self.bytes = Counter(
-            "pdmesh_kv_transfer_bytes",
-            "KV block bytes moved between this service and the store",
-            ["path", "direction"],
-            registry=registry,
-        )
-        self.blocks = Counter(
-            "pdmesh_kv_transfer_blocks",
-            "KV blocks moved between this service and the store",
-            ["path", "direction"],
-            registry=registry,
-        )
-        self.seconds = Histogram(
-            "pdmesh_kv_transfer_seconds",
-            "Time of one store put (publish) or get (load) call",
-            ["path", "direction"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.lookups = Counter(
-            "pdmesh_kv_store_lookup_blocks",
-            "Prompt blocks looked up in the store: hit (held) or miss (not held)",
-            ["result"],
-            registry=registry,
-        )
-        for direction in ("put", "get"):  # so a scrape shows zeros before the first transfer
-            for metric in (self.bytes, self.blocks, self.seconds):
-                metric.labels(path, direction)
-        self.lookups.labels("hit")
-        self.lookups.labels("miss")
-
-
-class MeteredStore(KVStore):
-    """A KV store handle that counts what passes through it for one service's metrics.
-
-    Each service wraps the (possibly shared) store on its own, so the counts are per service.
-    Only the ``KVStore`` contract is timed; anything else is passed through unchanged.
-    """
-
-    def __init__(self, store: KVStore, metrics: StoreMetrics) -> None:
-        self.inner = store
-        self.meter = metrics
-        self.path = metrics.path
-
-    def __getattr__(self, name: str) -> Any:  # extra methods of a concrete store
-        return getattr(self.inner, name)
-
-    def _record(self, direction: str, data: Iterable[bytes], started: float) -> None:
-        sizes = [len(d) for d in data]
-        metrics = self.meter
-        metrics.seconds.labels(self.path, direction).observe(time.perf_counter() - started)
-        metrics.bytes.labels(self.path, direction).inc(sum(sizes))
-        metrics.blocks.labels(self.path, direction).inc(len(sizes))
-
-    def put(self, owner: str, blocks: Sequence[tuple[BlockHash, bytes]]) -> None:
-        started = time.perf_counter()
-        self.inner.put(owner, blocks)
-        self._record("put", (data for _, data in blocks), started)
-
-    def match_prefix(self, hashes: Sequence[BlockHash]) -> int:
-        matched = self.inner.match_prefix(hashes)
-        self.meter.lookups.labels("hit").inc(matched)
-        self.meter.lookups.labels("miss").inc(len(hashes) - matched)
-        return matched
-
-    def get(self, owner: str, hashes: Sequence[BlockHash]) -> list[bytes]:
-        started = time.perf_counter()
-        data = self.inner.get(owner, hashes)
-        self._record("get", data, started)
-        return data
-
-    def release(self, owner: str) -> None:
-        self.inner.release(owner)
-
-    def stats(self) -> StoreStats:
-        return self.inner.stats()
-
-    # The contract's optional methods have defaults in KVStore, which __getattr__ would never
-    # reach: pass them on explicitly.
-    def locate(self, block_hash: BlockHash) -> str | None:
-        return self.inner.locate(block_hash)
-
-    def renew(self, owner: str) -> bool:
-        return self.inner.renew(owner)
-
-    def metrics(self) -> KVStoreMetrics:
-        return self.inner.metrics()
-
-    def close(self) -> None:  # the store's owner closes it, not each service's view of it
-        pass
-
-
-def store_path(store: KVStore) -> str:
-    """The ``path`` label of a store's traffic: its implementation (embedded, redis, ...)."""
-    name = type(store).__name__
-    return name.removesuffix("KVStore").lower() or name
 
 
 @dataclass(frozen=True)
@@ -225,8 +119,10 @@ class LiveGauges(Collector):
 class WorkerMetrics(ServiceMetrics):
     """A prefill, decode or colocated worker: its queue, batch, KV cache and store traffic."""
 
-    def __init__(self, service: str, store: KVStore) -> None:
-        super().__init__(service, store)
+    def __init__(self, service: str) -> None:
+        super().__init__(service, None)  # the engine core counts store traffic: relayed
+        self.relayed = RelayedMetrics()
+        self.registry.register(self.relayed)
         self.prefill_chunk_tokens = Histogram(
             "pdmesh_prefill_chunk_tokens",
             "Prompt tokens computed per prefill chunk",
@@ -243,12 +139,12 @@ class WorkerMetrics(ServiceMetrics):
             "pdmesh_engine_steps", "Engine steps that ran the model", registry=self.registry
         )
 
-    def watch(self, engine: AsyncEngine) -> None:
-        """Live gauges of ``engine`` and a hook on its steps."""
-        engine.engine.step_observers.append(self.observe_step)
+    def watch(self, core: EngineCoreClient) -> None:
+        """Live gauges of ``core`` and a hook on its step reports."""
+        core.batch_observers.append(self.observe_batch)
 
         def field(name: str) -> Callable[[], float]:
-            return lambda: float(getattr(engine.load(), name))
+            return lambda: float(getattr(core.load(), name))
 
         self.registry.register(
             LiveGauges(
@@ -268,19 +164,33 @@ class WorkerMetrics(ServiceMetrics):
                         field("outstanding_prefill_tokens"),
                     ),
                     _LiveGauge(
-                        "pdmesh_healthy", "1 while the worker serves", lambda: float(engine.healthy)
+                        "pdmesh_healthy", "1 while the worker serves", lambda: float(core.healthy)
                     ),
                 ]
             )
         )
 
-    def observe_step(self, chunks: Sequence[ScheduledChunk]) -> None:
-        """Runs on the engine thread after each model step (prometheus_client is thread-safe)."""
+    def observe_batch(self, batch: StepBatch) -> None:
+        """One engine step's report (or an idle load report, which ran no step)."""
+        if batch.metrics is not None:
+            self.relayed.text = batch.metrics
+        if not batch.num_seqs:
+            return
         self.steps.inc()
-        self.step_batch_size.observe(len(chunks))
-        for chunk in chunks:
-            if chunk.start < len(chunk.seq.prompt_token_ids):  # a prompt chunk, not a decode
-                self.prefill_chunk_tokens.observe(chunk.num_tokens)
+        self.step_batch_size.observe(batch.num_seqs)
+        for num_tokens in batch.prefill_chunk_tokens:
+            self.prefill_chunk_tokens.observe(num_tokens)
+
+
+class RelayedMetrics(Collector):
+    """Metrics another process exposes as text (the engine core's store traffic), shown
+    as they were last reported."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def collect(self) -> Iterable[Metric]:
+        yield from text_string_to_metric_families(self.text)
 
 
 class GatewayMetrics(ServiceMetrics):

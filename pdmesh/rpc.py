@@ -28,6 +28,18 @@ class WorkerUnavailableError(Exception):
     """No healthy worker of the needed role."""
 
 
+class WorkerStatusError(Exception):
+    """A worker's status for one request (its code and message), passed on to the client."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
 class UnauthenticatedError(Exception):
     """The caller presented no credential, or a wrong one (API key, mesh secret)."""
 
@@ -39,6 +51,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             return grpc.StatusCode.UNAVAILABLE, f"worker unavailable: {error.details()}"
         return code, error.details() or str(code)
+    if isinstance(error, WorkerStatusError):
+        return STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message
     if isinstance(error, (InvalidRequestError, ValueError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, RequestNotFoundError):

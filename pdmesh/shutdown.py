@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 
-from engine.async_engine import AsyncEngine
+from engine.core.client import EngineCoreClient
 from gateway.service import GatewayCore
 from pdmesh.rpc import Server
 
@@ -29,11 +29,11 @@ async def drain_gateway(server: Server, core: GatewayCore, timeout_s: float) -> 
         )
 
 
-async def drain_worker(server: Server, engine: AsyncEngine, timeout_s: float) -> None:
+async def drain_worker(server: Server, engine: EngineCoreClient, timeout_s: float) -> None:
     await server.set_not_serving()
     # Out of service: new requests get UNAVAILABLE (a prefill is retried on another worker)
     # and Load fails, so the gateway's router stops choosing this worker.
-    engine.healthy = False
+    engine.drain()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         load = engine.load()

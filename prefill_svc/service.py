@@ -1,51 +1,50 @@
-"""PrefillWorker servicer: prompt in, first token and KV hand-off out."""
+"""PrefillWorker servicer: prompts in, first tokens and KV hand-offs out (over sessions)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-import grpc
-
+from engine.core.client import EngineCoreClient
+from engine.core.messages import Add, RequestOutput
 from engine.sequence import FinishReason
-from pdmesh.convert import FINISH_TO_PB, logprob_to_pb, sampling_from_pb
+from pdmesh.convert import FINISH_TO_PB, sampling_from_pb
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
-from pdmesh.worker_common import WorkerBase
+from pdmesh.worker_common import WorkerBase, token_event
 
 
 class PrefillServicer(WorkerBase, worker_grpc.PrefillWorkerServicer):
-    async def Prefill(
-        self, request: worker_pb.PrefillRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb.PrefillResponse:
-        params = sampling_from_pb(request.sampling)
+    def __init__(self, core: EngineCoreClient) -> None:
+        super().__init__(core)
+        #: Requests that go on decoding elsewhere after their first token.
+        self._continues: set[str] = set()
+
+    def to_add(self, start: worker_pb.StartRequest) -> Add:
+        params = sampling_from_pb(start.sampling)
+        if params.max_tokens > 1:
+            self._continues.add(start.request_id)
         # The prefill worker stops after the first token whatever the request's length.
         first_only = dataclasses.replace(params, max_tokens=1)
-        prompt = list(request.prompt_token_ids)
-        final = None
-        async for output in self.engine.generate(prompt, first_only, request.request_id):
-            final = output
-        assert final is not None
-        if final.finish_reason is FinishReason.ABORT:
-            return worker_pb.PrefillResponse(
-                request_id=request.request_id, finish_reason=FINISH_TO_PB[FinishReason.ABORT]
-            )
-        assert final.kv_hashes is not None
-        reason = final.finish_reason
-        if reason is FinishReason.LENGTH and params.max_tokens > 1:
+        return Add(start.request_id, list(start.prompt_token_ids), first_only)
+
+    def event_of(self, output: RequestOutput) -> worker_pb.RequestEvent:
+        continues = output.request_id in self._continues
+        if output.finish_reason is not None or output.error is not None:
+            self._continues.discard(output.request_id)
+        event = token_event(output)
+        if output.kv_hashes is None or output.error is not None:
+            return event
+        reason = output.finish_reason
+        if reason is FinishReason.LENGTH and continues:
             reason = None  # only the prefill part is done: decoding continues elsewhere
-        engine = self.engine.engine
-        response = worker_pb.PrefillResponse(
-            request_id=request.request_id,
-            first_token_id=final.new_token_ids[0],
-            kv=worker_pb.KVHandoff(
-                block_hashes=final.kv_hashes,
-                block_size=engine.block_manager.block_size,
-                num_tokens=len(prompt),
-                namespace=engine.block_manager.namespace.decode(),
-            ),
-            cached_tokens=final.num_cached_tokens,
-            finish_reason=FINISH_TO_PB[reason],
+        event.finish_reason = FINISH_TO_PB[reason]
+        assert self.core.info is not None
+        event.kv.CopyFrom(
+            worker_pb.KVHandoff(
+                block_hashes=output.kv_hashes,
+                block_size=self.core.info.block_size,
+                num_tokens=output.num_prompt_tokens,
+                namespace=self.namespace,
+            )
         )
-        if final.new_logprobs:
-            response.logprob.CopyFrom(logprob_to_pb(final.new_logprobs[0]))
-        return response
+        return event

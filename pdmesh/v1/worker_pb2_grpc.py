@@ -26,8 +26,13 @@ if _version_not_supported:
 
 
 class PrefillWorkerStub:
-    """Runs prompts: computes their KV cache in chunks, publishes the blocks to the shared store,
-    and samples the first token.
+    """Every worker service is driven through one long-lived Session stream per gateway: the
+    gateway's commands for many requests travel in, and the new tokens of every request of one
+    engine step travel out together in one SessionEvents message (never one message per request
+    per token). Closing the stream ends every request it started and frees their blocks.
+
+    Runs prompts: computes their KV cache in chunks, publishes the blocks to the shared store,
+    and samples the first token (the last event of a request carries the KVHandoff).
     """
 
     def __init__(self, channel):
@@ -36,10 +41,10 @@ class PrefillWorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
-                '/pdmesh.v1.PrefillWorker/Prefill',
-                request_serializer=pdmesh_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+        self.Session = channel.stream_stream(
+                '/pdmesh.v1.PrefillWorker/Session',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.SessionCommands.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.SessionEvents.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pdmesh.v1.PrefillWorker/Abort',
@@ -54,12 +59,17 @@ class PrefillWorkerStub:
 
 
 class PrefillWorkerServicer:
-    """Runs prompts: computes their KV cache in chunks, publishes the blocks to the shared store,
-    and samples the first token.
+    """Every worker service is driven through one long-lived Session stream per gateway: the
+    gateway's commands for many requests travel in, and the new tokens of every request of one
+    engine step travel out together in one SessionEvents message (never one message per request
+    per token). Closing the stream ends every request it started and frees their blocks.
+
+    Runs prompts: computes their KV cache in chunks, publishes the blocks to the shared store,
+    and samples the first token (the last event of a request carries the KVHandoff).
     """
 
-    def Prefill(self, request, context):
-        """Runs one prompt to its first token.
+    def Session(self, request_iterator, context):
+        """The gateway's stream of commands and events.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,10 +92,10 @@ class PrefillWorkerServicer:
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
-                    servicer.Prefill,
-                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
-                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.SessionCommands.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.SessionEvents.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -106,12 +116,17 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PrefillWorker:
-    """Runs prompts: computes their KV cache in chunks, publishes the blocks to the shared store,
-    and samples the first token.
+    """Every worker service is driven through one long-lived Session stream per gateway: the
+    gateway's commands for many requests travel in, and the new tokens of every request of one
+    engine step travel out together in one SessionEvents message (never one message per request
+    per token). Closing the stream ends every request it started and frees their blocks.
+
+    Runs prompts: computes their KV cache in chunks, publishes the blocks to the shared store,
+    and samples the first token (the last event of a request carries the KVHandoff).
     """
 
     @staticmethod
-    def Prefill(request,
+    def Session(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -121,12 +136,12 @@ class PrefillWorker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/pdmesh.v1.PrefillWorker/Prefill',
-            pdmesh_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
-            pdmesh_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+            '/pdmesh.v1.PrefillWorker/Session',
+            pdmesh_dot_v1_dot_worker__pb2.SessionCommands.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.SessionEvents.FromString,
             options,
             channel_credentials,
             insecure,
@@ -194,7 +209,9 @@ class PrefillWorker:
 
 class DecodeWorkerStub:
     """Continues requests from their first token: pulls the prompt's KV blocks from the store
-    into its own paged cache and decodes with continuous batching.
+    into its own paged cache and decodes with continuous batching. A StartRequest without
+    first_token_id opens a pipelined hand-off: the worker pulls the prompt's blocks while the
+    prefill computes them, and decodes once a ResumeRequest brings the first token.
     """
 
     def __init__(self, channel):
@@ -203,10 +220,10 @@ class DecodeWorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Decode = channel.stream_stream(
-                '/pdmesh.v1.DecodeWorker/Decode',
-                request_serializer=pdmesh_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+        self.Session = channel.stream_stream(
+                '/pdmesh.v1.DecodeWorker/Session',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.SessionCommands.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.SessionEvents.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pdmesh.v1.DecodeWorker/Abort',
@@ -222,15 +239,13 @@ class DecodeWorkerStub:
 
 class DecodeWorkerServicer:
     """Continues requests from their first token: pulls the prompt's KV blocks from the store
-    into its own paged cache and decodes with continuous batching.
+    into its own paged cache and decodes with continuous batching. A StartRequest without
+    first_token_id opens a pipelined hand-off: the worker pulls the prompt's blocks while the
+    prefill computes them, and decodes once a ResumeRequest brings the first token.
     """
 
-    def Decode(self, request_iterator, context):
-        """Streams a request's tokens after the first; ends when the request finishes. The caller
-        sends one DecodeRequest with the first token, or (pipelined hand-off) one without it as
-        soon as the prefill starts, so the worker pulls the prompt's blocks while they are being
-        computed, and then a second one with the first token and the prefill's KVHandoff.
-        Cancelling the call ends the request and frees its blocks.
+    def Session(self, request_iterator, context):
+        """The gateway's stream of commands and events.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -253,10 +268,10 @@ class DecodeWorkerServicer:
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Decode': grpc.stream_stream_rpc_method_handler(
-                    servicer.Decode,
-                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
-                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.SessionCommands.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.SessionEvents.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -278,11 +293,13 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class DecodeWorker:
     """Continues requests from their first token: pulls the prompt's KV blocks from the store
-    into its own paged cache and decodes with continuous batching.
+    into its own paged cache and decodes with continuous batching. A StartRequest without
+    first_token_id opens a pipelined hand-off: the worker pulls the prompt's blocks while the
+    prefill computes them, and decodes once a ResumeRequest brings the first token.
     """
 
     @staticmethod
-    def Decode(request_iterator,
+    def Session(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -295,9 +312,9 @@ class DecodeWorker:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/pdmesh.v1.DecodeWorker/Decode',
-            pdmesh_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
-            pdmesh_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+            '/pdmesh.v1.DecodeWorker/Session',
+            pdmesh_dot_v1_dot_worker__pb2.SessionCommands.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.SessionEvents.FromString,
             options,
             channel_credentials,
             insecure,
@@ -366,7 +383,7 @@ class DecodeWorker:
 class ColocatedWorkerStub:
     """Runs whole requests on one engine: prefill chunks and decodes share each forward pass
     (Sarathi-Serve stall-free batching). The single-device mode, and the baseline that
-    disaggregation is measured against.
+    disaggregation is measured against. Its events carry all of a request's tokens.
     """
 
     def __init__(self, channel):
@@ -375,10 +392,10 @@ class ColocatedWorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Generate = channel.unary_stream(
-                '/pdmesh.v1.ColocatedWorker/Generate',
-                request_serializer=pdmesh_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+        self.Session = channel.stream_stream(
+                '/pdmesh.v1.ColocatedWorker/Session',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.SessionCommands.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.SessionEvents.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pdmesh.v1.ColocatedWorker/Abort',
@@ -395,11 +412,11 @@ class ColocatedWorkerStub:
 class ColocatedWorkerServicer:
     """Runs whole requests on one engine: prefill chunks and decodes share each forward pass
     (Sarathi-Serve stall-free batching). The single-device mode, and the baseline that
-    disaggregation is measured against.
+    disaggregation is measured against. Its events carry all of a request's tokens.
     """
 
-    def Generate(self, request, context):
-        """Streams all of a request's tokens, the first included.
+    def Session(self, request_iterator, context):
+        """The gateway's stream of commands and events.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -422,10 +439,10 @@ class ColocatedWorkerServicer:
 
 def add_ColocatedWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Generate': grpc.unary_stream_rpc_method_handler(
-                    servicer.Generate,
-                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
-                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.SessionCommands.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.SessionEvents.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -448,11 +465,11 @@ def add_ColocatedWorkerServicer_to_server(servicer, server):
 class ColocatedWorker:
     """Runs whole requests on one engine: prefill chunks and decodes share each forward pass
     (Sarathi-Serve stall-free batching). The single-device mode, and the baseline that
-    disaggregation is measured against.
+    disaggregation is measured against. Its events carry all of a request's tokens.
     """
 
     @staticmethod
-    def Generate(request,
+    def Session(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -462,12 +479,12 @@ class ColocatedWorker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/pdmesh.v1.ColocatedWorker/Generate',
-            pdmesh_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
-            pdmesh_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+            '/pdmesh.v1.ColocatedWorker/Session',
+            pdmesh_dot_v1_dot_worker__pb2.SessionCommands.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.SessionEvents.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,16 +53,17 @@ class MeshThread:
     def restart_worker(self, index: int) -> WorkerHandle:
         """A fresh worker (new engine) on the killed worker's address."""
         old = self.mesh.workers[index]
-        old.engine.stop()
+        self.run(old.engine.stop())
         config = self.mesh.config
         fresh = self.run(
             start_worker(
                 old.role,
                 config.engine,
-                self.mesh.store,
+                self.mesh.store_spec,
                 old.address,
                 self.mesh.security,
                 limits=config.limits,
+                store_capacity_blocks=config.store_capacity_blocks,
             )
         )
         self.mesh.workers[index] = fresh
