@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from engine.core.messages import Add
+from engine.core.messages import Add, RequestOutput
 from engine.errors import InvalidRequestError
 from pdmesh.convert import sampling_from_pb
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
-from pdmesh.worker_common import WorkerBase
+from pdmesh.worker_common import WorkerBase, token_event
 
 
 class DecodeServicer(WorkerBase, worker_grpc.DecodeWorkerServicer):
@@ -24,6 +24,11 @@ class DecodeServicer(WorkerBase, worker_grpc.DecodeWorkerServicer):
             return Add(start.request_id, prompt, params, prefetch=True)
         hashes = list(start.kv.block_hashes)
         return Add(start.request_id, prompt, params, [start.first_token_id], hashes)
+
+    def event_of(self, output: RequestOutput) -> worker_pb.RequestEvent:
+        event = token_event(output)
+        event.cached_tokens = 0  # the prompt came from the store: the prefill reports reuse
+        return event
 
 
 class ColocatedServicer(WorkerBase, worker_grpc.ColocatedWorkerServicer):

@@ -89,18 +89,20 @@ class WorkerBase:
     ) -> AsyncIterator[worker_pb.SessionEvents]:
         sink = SessionSink(self.event_of)
         reader = asyncio.ensure_future(self._read(requests, sink))
+        events: asyncio.Future[worker_pb.SessionEvents] | None = None
         try:
             while True:
                 events = asyncio.ensure_future(sink.queue.get())
                 await asyncio.wait({events, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if not events.done():  # the gateway closed its side: the session is over
-                    events.cancel()
                     return
                 yield events.result()
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            for task in (reader, events):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             for request_id in list(sink.request_ids):  # nobody will read their tokens
                 self.core.abort(request_id, abandoned=True)
 
