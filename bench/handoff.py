@@ -62,7 +62,7 @@ from kvstore.local_redis import start_redis, stop_redis
 FIRST_ONLY = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 DECODE = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
 STORES = ("embedded", "redis", "redis+shm")
-PULL_INTERVAL_S = 0.002  # the decode worker's idle poll (engine.async_engine)
+PULL_INTERVAL_S = 0.002  # the decode worker's idle poll (engine.core.process)
 
 
 def engine_config(device: str, max_len: int, chunk: int, model_dir: str | None) -> EngineConfig:

@@ -11,6 +11,7 @@ from pdmesh.worker_common import WorkerBase, token_event
 
 
 class DecodeServicer(WorkerBase, worker_grpc.DecodeWorkerServicer):
+    METHOD = "Decode"
     """Continues requests after their first token from the prompt's blocks in the store."""
 
     def to_add(self, start: worker_pb.StartRequest) -> Add:

@@ -7,23 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from engine.config import DTYPES, CacheConfig, EngineConfig
+from engine.args import add_engine_args, engine_config_from
 from engine.errors import PdmeshError
 from engine.sampling_params import SamplingParams
 from pdmesh.security_args import add_client_security_args, add_security_args, security_config_from
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M)")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="default float32")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--tp", type=int, help="tensor-parallel ranks (serve; default 1)")
-    parser.add_argument(
-        "--handoff-lane-mib",
-        type=int,
-        help="device memory of a prefill worker's hand-off lane (0: none; default 2048 on CUDA)",
-    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -49,18 +36,6 @@ def sampling_params_from(args: argparse.Namespace) -> SamplingParams:
         seed=args.seed,
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
-    )
-
-
-def engine_config_from(args: argparse.Namespace) -> EngineConfig:
-    lane_mib = getattr(args, "handoff_lane_mib", None)
-    return EngineConfig.from_env(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        tensor_parallel_size=getattr(args, "tp", None),
-        cache=CacheConfig(handoff_lane_mib=lane_mib) if lane_mib is not None else None,
     )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,6 +126,9 @@ class CacheConfig:
     #: Write finished requests' blocks to the store on a background thread (the decode loop
     #: does not wait for host memory); None: on CUDA only (``engine.host_publisher``).
     async_retain: bool | None = None
+    #: Share of the device's memory this worker may hold in all (weights, KV cache,
+    #: activations); workers sharing a GPU each get their own share (``pdmesh up`` divides).
+    gpu_memory_utilization: float = 0.9
 
     def resolved_async_retain(self, device_type: str) -> bool:
         return self.async_retain if self.async_retain is not None else device_type == "cuda"
@@ -135,6 +140,10 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.handoff_lane_mib is not None and self.handoff_lane_mib < 0:
             raise ValueError(f"handoff_lane_mib must be >= 0, got {self.handoff_lane_mib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
 
 
 @dataclass(frozen=True)
@@ -157,14 +166,29 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def auto_dtype(model: str | None, device: str) -> str:
+    """``--dtype auto``: float32 on the CPU (exact, and what CPUs compute fastest); on a GPU
+    the checkpoint's half-precision dtype, bfloat16 where it has none (as vLLM does)."""
+    if not device.startswith("cuda"):
+        return "float32"
+    config = Path(model) / "config.json" if model else None
+    if config is not None and config.is_file():
+        hf = json.loads(config.read_text())
+        declared = hf.get("torch_dtype") or hf.get("dtype")  # transformers 4 / 5 spelling
+        if declared in ("bfloat16", "float16"):
+            return str(declared)
+    return "bfloat16"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine needs; built from CLI flags and ``PDMESH_*`` variables."""
 
     #: HF model directory or .gguf file; None means the default model (SmolLM2-135M-Instruct).
     model: str | None = None
-    #: Weights and activations dtype: float32, bfloat16 or float16.
-    dtype: str = "float32"
+    #: Weights and activations dtype: float32, bfloat16, float16, or "auto": float32 on the
+    #: CPU; on a GPU the checkpoint's 16-bit dtype (bfloat16 for float32 checkpoints).
+    dtype: str = "auto"
     device: str = field(default_factory=default_device)
     #: Longest sequence (prompt + generated); None means the model's own limit.
     max_model_len: int | None = None
@@ -183,8 +207,12 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", auto_dtype(self.model, self.device))
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(
+                f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}"
+            )
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be at least 1")
         if self.load_format not in ("auto", "dummy"):

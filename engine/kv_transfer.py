@@ -18,8 +18,6 @@ from engine.scheduler import BlockImport, ScheduledChunk
 from engine.sequence import Sequence
 from kvstore.base import KVStore
 from kvstore.block_hash import BlockHash, block_hash, hash_full_blocks
-from kvstore.data_planes import SharedMemoryPlane
-from kvstore.embedded import EmbeddedKVStore
 from kvstore.errors import StoreFullError
 
 logger = logging.getLogger(__name__)
@@ -29,13 +27,8 @@ LOOKUP_WINDOW = 128
 
 
 def transfer_path(store: KVStore) -> str:
-    """How blocks travel through ``store``: "in-process" (one process shares the bytes),
-    "shared-memory" (processes of one host), or "redis" (any host)."""
-    if isinstance(store, EmbeddedKVStore):
-        return "in-process"
-    # A Redis store's data plane is fixed when it opens (kvstore.factory).
-    plane = getattr(store, "_plane", None)
-    return "shared-memory" if isinstance(plane, SharedMemoryPlane) else "redis"
+    """How blocks travel through ``store`` (see ``KVStore.block_path``)."""
+    return store.block_path
 
 
 class KVTransfer:

@@ -29,7 +29,10 @@ logger = logging.getLogger(__name__)
 
 # Without a configured block count, CPU caches hold this many blocks (or one longest sequence).
 CPU_DEFAULT_NUM_BLOCKS = 1024
-GPU_MEMORY_UTILIZATION = 0.85
+#: Device memory kept free for everything else on the GPU (CUDA context, other processes).
+KV_FREE_MARGIN_BYTES = 1 << 30
+#: Forward-pass activations, sampler and CUDA-graph buffers, beyond the weights.
+ACTIVATION_HEADROOM_BYTES = 2 << 30
 #: Blocks per pinned staging transfer (2 MiB each for a Llama-3.1-8B shape: 64 MiB pinned).
 STAGING_ROWS = 32
 
@@ -168,9 +171,16 @@ class ModelRunner:
         one_sequence = -(-longest // self.block_size)
         if self.device.type != "cuda":
             return max(CPU_DEFAULT_NUM_BLOCKS, one_sequence)
+        return max(one_sequence, int(self._kv_budget_bytes() // self._bytes_per_block()))
+
+    def _kv_budget_bytes(self) -> float:
+        """This worker's share of the device, less what it already holds (weights, graphs'
+        pools) and the activations' headroom; never more than is free now, so a worker that
+        starts second on a shared GPU still gets its own share and no more."""
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = free - (1 - GPU_MEMORY_UTILIZATION) * total
-        return max(one_sequence, int(budget // self._bytes_per_block()))
+        share = self.config.cache.gpu_memory_utilization * total
+        held = torch.cuda.memory_reserved(self.device)
+        return min(share - held, free - KV_FREE_MARGIN_BYTES) - ACTIVATION_HEADROOM_BYTES
 
     def _allocate_kv_cache(self) -> None:
         """One tensor for every layer's K and V, so moving blocks of all layers is one

@@ -96,6 +96,33 @@ class RequestFeed:
         return delta
 
 
+class _Outbox:
+    """The commands waiting for one call's request stream. Each call has its own, so a
+    broken call's stream can never take commands meant for the one that replaced it."""
+
+    def __init__(self) -> None:
+        self.commands: list[worker_pb.SessionCommand] = []
+        self.wake = asyncio.Event()
+        self.closed = False
+
+    def put(self, command: worker_pb.SessionCommand) -> None:
+        self.commands.append(command)
+        self.wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+    async def stream(self) -> AsyncIterator[worker_pb.SessionCommands]:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if self.closed:
+                return
+            batch, self.commands = self.commands, []
+            yield worker_pb.SessionCommands(commands=batch)
+
+
 class WorkerSession:
     """The stream to one worker, opened on first use and again after it breaks."""
 
@@ -105,8 +132,7 @@ class WorkerSession:
         self._open_call = open_call
         self._on_broken = on_broken
         self.feeds: dict[str, RequestFeed] = {}
-        self._outbox: list[worker_pb.SessionCommand] = []
-        self._wake = asyncio.Event()
+        self._outbox: _Outbox | None = None
         self._reader: asyncio.Task[None] | None = None
 
     def start(self, start: worker_pb.StartRequest) -> RequestFeed:
@@ -123,23 +149,16 @@ class WorkerSession:
     def end(self, request_id: str) -> None:
         """The gateway is done with the request: the worker drops it if it still runs."""
         feed = self.feeds.pop(request_id, None)
-        if feed is not None and not feed.ended:
+        if feed is not None and not feed.ended and self._outbox is not None:
             self._send(worker_pb.SessionCommand(abort=request_id))
 
     def _send(self, command: worker_pb.SessionCommand) -> None:
-        self._outbox.append(command)
-        self._wake.set()
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._run(self._open_call(self._commands())))
+        if self._outbox is None:
+            outbox = self._outbox = _Outbox()
+            self._reader = asyncio.create_task(self._run(self._open_call(outbox.stream()), outbox))
+        self._outbox.put(command)
 
-    async def _commands(self) -> AsyncIterator[worker_pb.SessionCommands]:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._outbox = self._outbox, []
-            yield worker_pb.SessionCommands(commands=batch)
-
-    async def _run(self, call: Any) -> None:
+    async def _run(self, call: Any, outbox: _Outbox) -> None:
         reason = "the worker ended the session"
         try:
             async for message in call:
@@ -154,12 +173,14 @@ class WorkerSession:
             raise
         finally:
             call.cancel()
-            self._broken(reason)
+            outbox.close()
+            if self._outbox is outbox:
+                self._broken(reason)
 
     def _broken(self, reason: str) -> None:
         """Every request of the session fails as its worker went away."""
         self._reader = None
-        self._outbox = []
+        self._outbox = None
         feeds, self.feeds = self.feeds, {}
         for feed in feeds.values():
             feed.fail(WorkerGoneError(reason))

@@ -98,6 +98,12 @@ class KVStore(ABC):
     @abstractmethod
     def stats(self) -> StoreStats: ...
 
+    @property
+    def block_path(self) -> str:
+        """How block bytes travel between the store's users: "in-process" (one process
+        shares them), "shared-memory" (processes of one host) or "redis" (any host)."""
+        return "redis"
+
     def locate(self, block_hash: BlockHash) -> str | None:
         """The tier holding the block (``"dram"`` or ``"disk"``), None if absent; pins and
         counts nothing (for transfer-path choices and tests)."""

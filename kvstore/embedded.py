@@ -42,6 +42,10 @@ class EmbeddedKVStore(KVStore):
     oldest unpinned DRAM block when DRAM is full; with DRAM all pinned it stays on disk.
     """
 
+    @property
+    def block_path(self) -> str:
+        return "in-process"
+
     def __init__(self, capacity_blocks: int, config: TierConfig | None = None) -> None:
         self._config = config or TierConfig(capacity_blocks, lease_ttl_s=None)
         if self._config.capacity_blocks != capacity_blocks:

@@ -69,6 +69,10 @@ class MeteredStore(KVStore):
         self.meter = metrics
         self.path = metrics.path
 
+    @property
+    def block_path(self) -> str:
+        return self.inner.block_path
+
     def __getattr__(self, name: str) -> Any:  # extra methods of a concrete store
         return getattr(self.inner, name)
 
@@ -119,5 +123,7 @@ class MeteredStore(KVStore):
 
 def store_path(store: KVStore) -> str:
     """The ``path`` label of a store's traffic: its implementation (embedded, redis, ...)."""
+    if store.block_path == "shared-memory":
+        return "shm"
     name = type(store).__name__
     return name.removesuffix("KVStore").lower() or name

@@ -29,7 +29,7 @@ from kvstore.factory import open_store
 from kvstore.local_redis import start_redis, stop_redis
 from pdmesh.auth import gateway_interceptors, worker_channel, worker_interceptors
 from pdmesh.limits import ServingLimits
-from pdmesh.request_log import ServiceInterceptor
+from pdmesh.request_log import RequestCalls, ServiceInterceptor
 from pdmesh.rpc import Server
 from pdmesh.security import SecurityConfig
 from pdmesh.shutdown import drain_gateway
@@ -190,7 +190,8 @@ async def start_worker(
     if metrics is not None:
         metrics.watch(core)
     servicer, add = SERVICERS[role]
-    add(servicer(core), server.server)  # type: ignore[operator]
+    calls = RequestCalls(role, servicer.METHOD, metrics)
+    add(servicer(core, calls), server.server)  # type: ignore[operator]
     await server.set_serving()
     logger.info("%s worker serving on port %d", role, server.port)
     host = address.rsplit(":", 1)[0]

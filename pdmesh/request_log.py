@@ -151,16 +151,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if self.metrics:
             self.metrics.rpc_finished(method, name, started)
         if method not in QUIET_METHODS:
-            duration_ms = (time.perf_counter() - started) * 1e3
-            logger.info(
-                "%s %s %s in %.1f ms",
-                self.service,
-                method,
-                name,
-                duration_ms,
-                extra={"service": self.service, "method": method, "code": name,
-                       "duration_ms": round(duration_ms, 3)},
-            )  # fmt: skip
+            log_call(self.service, method, name, started)
 
     def _unary(
         self, method: str, behavior: Callable[..., Awaitable[Any]]
@@ -194,6 +185,47 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._end(method, context, started, error)
 
         return wrapped
+
+
+def log_call(service: str, method: str, code: str, started: float) -> None:
+    duration_ms = (time.perf_counter() - started) * 1e3
+    logger.info(
+        "%s %s %s in %.1f ms",
+        service,
+        method,
+        code,
+        duration_ms,
+        extra={"service": service, "method": method, "code": code,
+               "duration_ms": round(duration_ms, 3)},
+    )  # fmt: skip
+
+
+class RequestCalls:
+    """A worker's requests as the calls they are: many travel in one session stream, yet
+    each is logged (with its id) and counted under ``method`` as if it were its own RPC."""
+
+    def __init__(self, service: str, method: str, metrics: ServiceMetrics | None) -> None:
+        self.service = service
+        self.method = method
+        self.metrics = metrics
+        self._started: dict[str, float] = {}
+
+    def started(self, request_id: str) -> None:
+        metrics = self.metrics
+        now = metrics.rpc_started(self.method) if metrics else time.perf_counter()
+        self._started[request_id] = now
+
+    def finished(self, request_id: str, code: str) -> None:
+        started = self._started.pop(request_id, None)
+        if started is None:
+            return
+        if self.metrics:
+            self.metrics.rpc_finished(self.method, code, started)
+        token = current_request_id.set(request_id)
+        try:
+            log_call(self.service, self.method, code, started)
+        finally:
+            current_request_id.reset(token)
 
 
 def _is_cancel(error: BaseException) -> bool:

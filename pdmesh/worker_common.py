@@ -20,6 +20,7 @@ from engine.core.client import EngineCoreClient, error_from
 from engine.core.messages import Add, RequestOutput
 from engine.errors import InvalidRequestError, WorkerLostError
 from pdmesh.convert import FINISH_TO_PB, logprob_to_pb
+from pdmesh.request_log import RequestCalls
 from pdmesh.rpc import status_for
 from pdmesh.v1 import worker_pb2 as worker_pb
 
@@ -45,24 +46,41 @@ def token_event(output: RequestOutput) -> worker_pb.RequestEvent:
     )
 
 
+def code_name(event: worker_pb.RequestEvent) -> str:
+    return grpc.StatusCode(  # type: ignore[call-arg]
+        next(c.value for c in grpc.StatusCode if c.value[0] == event.error_code)
+    ).name
+
+
 class SessionSink:
     """The requests one session started; one step's events leave as one message."""
 
-    def __init__(self, event_of: Callable[[RequestOutput], worker_pb.RequestEvent]) -> None:
+    def __init__(
+        self,
+        event_of: Callable[[RequestOutput], worker_pb.RequestEvent],
+        calls: RequestCalls,
+    ) -> None:
         self.event_of = event_of
+        self.calls = calls
         self.queue: asyncio.Queue[worker_pb.SessionEvents] = asyncio.Queue()
         self.request_ids: set[str] = set()
         self._events: list[worker_pb.RequestEvent] = []
 
     def push(self, output: RequestOutput) -> None:
+        event = self.event_of(output)
         if output.finish_reason is not None or output.error is not None:
-            self.request_ids.discard(output.request_id)
-        self._events.append(self.event_of(output))
+            self._end(output.request_id, event)
+        self._events.append(event)
 
     def fail(self, request_id: str, error: BaseException) -> None:
-        self.request_ids.discard(request_id)
-        self._events.append(failure_event(request_id, error))
+        event = failure_event(request_id, error)
+        self._end(request_id, event)
+        self._events.append(event)
         self.flush()
+
+    def _end(self, request_id: str, event: worker_pb.RequestEvent) -> None:
+        self.request_ids.discard(request_id)
+        self.calls.finished(request_id, code_name(event))
 
     def flush(self) -> None:
         if self._events:
@@ -71,8 +89,12 @@ class SessionSink:
 
 
 class WorkerBase:
-    def __init__(self, core: EngineCoreClient) -> None:
+    #: The per-request call each session request stands for (logs and metrics).
+    METHOD = "Generate"
+
+    def __init__(self, core: EngineCoreClient, calls: RequestCalls | None = None) -> None:
         self.core = core
+        self.calls = calls or RequestCalls(core.role, self.METHOD, None)
 
     # -- per role ---------------------------------------------------------------------------
     def to_add(self, start: worker_pb.StartRequest) -> Add:
@@ -87,7 +109,7 @@ class WorkerBase:
         requests: AsyncIterator[worker_pb.SessionCommands],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[worker_pb.SessionEvents]:
-        sink = SessionSink(self.event_of)
+        sink = SessionSink(self.event_of, self.calls)
         reader = asyncio.ensure_future(self._read(requests, sink))
         events: asyncio.Future[worker_pb.SessionEvents] | None = None
         try:
@@ -105,6 +127,7 @@ class WorkerBase:
                         await task
             for request_id in list(sink.request_ids):  # nobody will read their tokens
                 self.core.abort(request_id, abandoned=True)
+                self.calls.finished(request_id, grpc.StatusCode.CANCELLED.name)
 
     async def _read(
         self, requests: AsyncIterator[worker_pb.SessionCommands], sink: SessionSink
@@ -128,6 +151,7 @@ class WorkerBase:
         try:
             if start.request_id in sink.request_ids:
                 raise InvalidRequestError(f"request id {start.request_id!r} is already running")
+            self.calls.started(start.request_id)
             self.core.add(self.to_add(start), sink)
             sink.request_ids.add(start.request_id)
         except (InvalidRequestError, WorkerLostError, ValueError) as error:

@@ -8,14 +8,17 @@ from engine.core.client import EngineCoreClient
 from engine.core.messages import Add, RequestOutput
 from engine.sequence import FinishReason
 from pdmesh.convert import FINISH_TO_PB, sampling_from_pb
+from pdmesh.request_log import RequestCalls
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
 from pdmesh.worker_common import WorkerBase, token_event
 
 
 class PrefillServicer(WorkerBase, worker_grpc.PrefillWorkerServicer):
-    def __init__(self, core: EngineCoreClient) -> None:
-        super().__init__(core)
+    METHOD = "Prefill"
+
+    def __init__(self, core: EngineCoreClient, calls: RequestCalls | None = None) -> None:
+        super().__init__(core, calls)
         #: Requests that go on decoding elsewhere after their first token.
         self._continues: set[str] = set()
 

@@ -117,6 +117,7 @@ class EngineCoreClient:
         )
         self._env = env or {}
         self.name = name
+        self.role = role
         self.codec = Codec()
         #: False once the engine can no longer serve; ``on_lost`` runs once at that moment.
         self.healthy = True
@@ -147,7 +148,12 @@ class EngineCoreClient:
         loop = asyncio.get_running_loop()
         exited = loop.create_future()
         fd = self._process.stdout.fileno()
-        loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(fd, on_exit)
         first = asyncio.ensure_future(self._events.recv())
         try:
             await asyncio.wait(
@@ -157,8 +163,14 @@ class EngineCoreClient:
             loop.remove_reader(fd)
         if not first.done():
             first.cancel()
+            died = exited.done()
             self._process.kill()
-            raise WorkerLostError(f"the engine core process exited ({self._process.wait()})")
+            code = self._process.wait()
+            raise WorkerLostError(
+                f"the engine core process exited ({code})"
+                if died
+                else f"the engine core did not load its model in {START_TIMEOUT_S:.0f} s"
+            )
         ready = self.codec.events.decode(first.result())
         assert isinstance(ready, Ready)
         if ready.error is not None:

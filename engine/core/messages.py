@@ -7,7 +7,7 @@ is one message, not one per request per token. Same-host IPC only: protos cross 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -67,6 +67,9 @@ class LoadStats:
     num_free_blocks: int = 0
     num_total_blocks: int = 0
     num_used_blocks: int = 0
+    num_retained_blocks: int = 0
+    num_prefetched_blocks: int = 0
+    num_loaded_blocks: int = 0
 
 
 class RequestOutput(msgspec.Struct, array_like=True):
@@ -109,6 +112,8 @@ class EngineInfo:
     max_model_len: int
     transfer_path: str
     device: str
+    #: The tensor-parallel follower processes (ranks 1..N-1) the core started.
+    rank_pids: list[int] = field(default_factory=list)
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):

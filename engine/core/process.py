@@ -214,6 +214,7 @@ class EngineCore:
         for queue in (scheduler.waiting, scheduler.running):
             for seq in queue:
                 outstanding += max(0, len(seq.prompt_token_ids) - seq.num_computed_tokens)
+        kv = self.engine.kv
         return LoadStats(
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
@@ -221,6 +222,9 @@ class EngineCore:
             num_free_blocks=allocator.num_free,
             num_total_blocks=allocator.num_blocks,
             num_used_blocks=allocator.num_used,
+            num_retained_blocks=0 if kv is None else kv.num_retained_blocks,
+            num_prefetched_blocks=0 if kv is None else kv.num_prefetched_blocks,
+            num_loaded_blocks=0 if kv is None else kv.num_loaded_blocks,
         )
 
     def _observe(self, chunks: list[ScheduledChunk]) -> None:
@@ -278,6 +282,7 @@ def _build(spec: CoreSpec) -> tuple[Engine, EngineInfo, Any]:
         max_model_len=engine.max_model_len,
         transfer_path=transfer_path(store) if store is not None else "none",
         device=str(engine.runner.device),
+        rank_pids=[] if engine.leader is None else [p.pid or 0 for p in engine.leader.followers],
     )
     return engine, info, registry
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from engine.cli import engine_config_from
+from engine.args import add_engine_args, engine_config_from
 from pdmesh.bench import plots
 from pdmesh.bench.arrivals import arrival_offsets
 from pdmesh.bench.env import environment, write_json
@@ -53,10 +53,7 @@ def add_slo_args(parser: argparse.ArgumentParser) -> None:
 
 def add_target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="HOST:PORT of a running gateway (default: start one)")
-    parser.add_argument("--model", help="model for a started mesh (default: SmolLM2-135M)")
-    parser.add_argument("--device", help="cpu or cuda (started mesh)")
-    parser.add_argument("--dtype", help="started mesh's dtype (default float32)")
-    parser.add_argument("--max-model-len", type=int)
+    add_engine_args(parser.add_argument_group("started mesh's engines"))  # type: ignore[arg-type]
     parser.add_argument("--store", default="embedded", help="started mesh's KV store")
 
 

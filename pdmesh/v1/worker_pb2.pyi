@@ -126,17 +126,23 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "outstanding_prefill_tokens", "num_free_blocks", "num_total_blocks", "num_used_blocks")
+    __slots__ = ("num_running", "num_waiting", "outstanding_prefill_tokens", "num_free_blocks", "num_total_blocks", "num_used_blocks", "num_retained_blocks", "num_prefetched_blocks", "num_loaded_blocks")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     OUTSTANDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RETAINED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFETCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LOADED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     outstanding_prefill_tokens: int
     num_free_blocks: int
     num_total_blocks: int
     num_used_blocks: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., outstanding_prefill_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ...) -> None: ...
+    num_retained_blocks: int
+    num_prefetched_blocks: int
+    num_loaded_blocks: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., outstanding_prefill_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_retained_blocks: _Optional[int] = ..., num_prefetched_blocks: _Optional[int] = ..., num_loaded_blocks: _Optional[int] = ...) -> None: ...

@@ -143,24 +143,26 @@ def test_health_is_open_on_every_port(mesh: MeshThread) -> None:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+STUBS: dict[str, Any] = {
+    "prefill": worker_grpc.PrefillWorkerStub,
+    "decode": worker_grpc.DecodeWorkerStub,
+    "colocated": worker_grpc.ColocatedWorkerStub,
+}
+
+
 def worker_calls(channel: grpc.Channel, role: str) -> dict[str, Callable[[Any], Any]]:
     """Every RPC of a worker, called with the given metadata."""
-    request = worker_pb.PrefillRequest(request_id="auth-probe", prompt_token_ids=[1, 2, 3])
-    if role == "prefill":
-        stub: Any = worker_grpc.PrefillWorkerStub(channel)
-        work = lambda metadata: stub.Prefill(request, metadata=metadata, timeout=30)  # noqa: E731
-    else:
-        stub = worker_grpc.DecodeWorkerStub(channel)
-        decode = worker_pb.DecodeRequest(request_id="auth-probe", prompt_token_ids=[1, 2, 3])
-        work = lambda metadata: list(  # noqa: E731
-            stub.Decode(iter([decode]), metadata=metadata, timeout=30)  # a bidirectional call
-        )
+    stub = STUBS[role](channel)
+    start = worker_pb.StartRequest(request_id="auth-probe", prompt_token_ids=[1, 2, 3])
+    commands = worker_pb.SessionCommands(commands=[worker_pb.SessionCommand(start=start)])
     return {
         "Load": lambda metadata: stub.Load(worker_pb.LoadRequest(), metadata=metadata, timeout=10),
         "Abort": lambda metadata: stub.Abort(
             worker_pb.WorkerAbortRequest(request_id="auth-probe"), metadata=metadata, timeout=10
         ),
-        role.capitalize(): work,
+        "Session": lambda metadata: list(  # a bidirectional call
+            stub.Session(iter([commands]), metadata=metadata, timeout=30)
+        ),
     }
 
 

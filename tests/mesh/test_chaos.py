@@ -2,11 +2,14 @@
 worker killed mid-stream fails only its own streams (UNAVAILABLE) and rejoins when
 restarted; a prefill worker killed mid-prompt has its request retried on the other; Redis
 going away gives a clear UNAVAILABLE and the mesh recovers when it returns. After each,
-no KV block or store pin is left."""
+no KV block or store pin is left. A worker whose engine-core process dies fails its streams
+with UNAVAILABLE and goes out of service."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -50,7 +53,7 @@ class ChaosMesh:
         return next(w for w in core.router.workers if w.address.endswith(address.split(":")[1]))
 
     def holds(self, index: int, request_id: str) -> bool:
-        return request_id in self.harness.mesh.workers[index].engine.engine.requests
+        return self.harness.mesh.workers[index].engine.is_running(request_id)
 
     def restart(self, index: int) -> None:
         """A fresh worker on the old address; the gateway must take it back by itself."""
@@ -116,7 +119,7 @@ def test_draining_worker_finishes_its_streams_and_gets_no_new_ones(
     assert list(other.token_ids) == references[3]
     assert _finish(stream, tokens) == grpc.StatusCode.OK and tokens == references[2]
     drained.result(timeout=120)
-    worker.engine.healthy = True  # back in service for the tests that follow
+    harness.loop.call_soon_threadsafe(worker.engine.drain, False)  # back in service
     harness.run(worker.server.set_serving())
     wait_for(lambda: chaos.router_worker(victim).healthy, "the worker rejoins")
     harness.wait_idle()
@@ -157,6 +160,32 @@ def test_killed_decode_worker_fails_only_its_streams_and_rejoins(
     for index, stream in enumerate(again):
         assert _finish(stream, got[index]) == grpc.StatusCode.OK
         assert got[index] == references[index]
+    harness.wait_idle()
+    assert harness.is_idle()
+
+
+def test_killed_engine_core_fails_its_streams_and_leaves_service(
+    chaos: ChaosMesh, references: list[list[int]]
+) -> None:
+    """The worker's server lives on; its engine process does not: UNAVAILABLE for the
+    streams it held, NOT_SERVING for health, the other worker serves, no pin is left."""
+    harness = chaos.harness
+    stream = harness.stub.Generate(_request(0, "core-killed"), timeout=300)
+    tokens = list(next(stream).token_ids) + list(next(stream).token_ids)
+    victim = next(d for d in chaos.indexes("decode") if chaos.holds(d, "core-killed"))
+    worker = harness.mesh.workers[victim]
+    assert worker.engine.pid is not None
+    os.kill(worker.engine.pid, signal.SIGKILL)
+    assert _finish(stream, tokens) == grpc.StatusCode.UNAVAILABLE
+    wait_for(lambda: not chaos.router_worker(victim).healthy, "the router drops the worker")
+    with grpc.insecure_channel(worker.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    other = generate(harness.stub, _request(1, "after-core-killed"))
+    assert list(other.token_ids) == references[1]
+    wait_for(lambda: harness.mesh.store.stats().num_pinned_blocks == 0, "no pin is left")
+    harness.kill_worker(victim)
+    chaos.restart(victim)
     harness.wait_idle()
     assert harness.is_idle()
 

@@ -98,11 +98,12 @@ def test_each_service_counts_a_known_workload_exactly(mesh: MeshThread) -> None:
     assert delta(*prefill, "pdmesh_rpc_requests_total", method="Prefill", code="OK") == 10
     assert delta(*prefill, "pdmesh_prefill_chunk_tokens_count") == NUM_REQUESTS
     assert delta(*prefill, "pdmesh_prefill_chunk_tokens_sum") == NUM_REQUESTS * PROMPT_LEN
-    put = {"path": "embedded", "direction": "put"}
+    # The mesh's embedded store: a private index, block bytes in shared memory.
+    put = {"path": "shm", "direction": "put"}
     assert delta(*prefill, "pdmesh_kv_transfer_blocks_total", **put) == 2 * NUM_REQUESTS
     assert delta(*prefill, "pdmesh_kv_store_lookup_blocks_total", result="miss") == 10
 
-    get = {"path": "embedded", "direction": "get"}
+    get = {"path": "shm", "direction": "get"}
     assert delta(*decode, "pdmesh_rpc_requests_total", method="Decode", code="OK") == 10
     assert delta(*decode, "pdmesh_kv_transfer_blocks_total", **get) == 2 * NUM_REQUESTS
     # The pipelined hand-off pulls a request's blocks in one or more gets (as the prefill

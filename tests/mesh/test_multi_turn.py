@@ -33,7 +33,8 @@ USER_TURNS = [
     "Summarize our conversation in one sentence.",
 ]
 MAX_TOKENS = 48
-PATHS = {"embedded": "in-process", "redis": "redis"}
+# The embedded store of a mesh is a private index with a shared-memory data plane.
+PATHS = {"embedded": "shared-memory", "redis": "redis"}
 
 
 def rendered_length(tokenizer: Any, messages: list[dict[str, str]]) -> int:
@@ -84,9 +85,10 @@ def test_five_turn_chat_reuses_every_previous_turn(
     assert mesh.is_idle(), "no worker block and no store pin outlives the conversation"
     stats = mesh.mesh.store.stats()
     assert stats.num_blocks > 0 and stats.num_pinned_blocks == 0
-    decode = next(w for w in mesh.mesh.workers if w.role == "decode").engine.engine
-    assert decode.kv is not None and decode.kv.num_retained_blocks > 0
-    assert decode.kv.path == PATHS["redis" if "redis" in mesh.mesh.config.store else "embedded"]
+    decode = next(w for w in mesh.mesh.workers if w.role == "decode").engine
+    assert decode.load().num_retained_blocks > 0 and decode.info is not None
+    store = "redis" if "redis" in mesh.mesh.config.store else "embedded"
+    assert decode.info.transfer_path == PATHS[store]
 
 
 def test_abort_while_the_decode_worker_pulls_a_long_prompt() -> None:
@@ -97,8 +99,7 @@ def test_abort_while_the_decode_worker_pulls_a_long_prompt() -> None:
     )
     harness = MeshThread(MeshConfig(engine=engine, gateway_port=0))
     try:
-        decode = next(w for w in harness.mesh.workers if w.role == "decode").engine.engine
-        assert decode.kv is not None
+        decode = next(w for w in harness.mesh.workers if w.role == "decode").engine
         prompt = "Notes: " + " ".join(f"item {i} is {i * 7 % 13}." for i in range(150))
         request = gen_pb.GenerateRequest(prompt=prompt, max_tokens=8, request_id="long")
         replies: list[gen_pb.GenerateResponse] = []
@@ -113,13 +114,13 @@ def test_abort_while_the_decode_worker_pulls_a_long_prompt() -> None:
         thread = threading.Thread(target=client)
         thread.start()
         deadline = time.monotonic() + 120
-        while decode.kv.num_prefetched_blocks == 0 and time.monotonic() < deadline:
+        while decode.load().num_prefetched_blocks == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert decode.kv.num_prefetched_blocks > 0, "the pull started during the prefill"
+        assert decode.load().num_prefetched_blocks > 0, "the pull started during the prefill"
         assert harness.stub.Abort(gen_pb.AbortRequest(request_id="long")).aborted
         thread.join(timeout=60)
         assert not errors and replies[0].finish_reason == gen_pb.FINISH_REASON_ABORT
-        assert decode.kv.num_loaded_blocks < -(-replies[0].usage.prompt_tokens // BLOCK)
+        assert decode.load().num_loaded_blocks < -(-replies[0].usage.prompt_tokens // BLOCK)
         harness.wait_idle()
         assert harness.is_idle()
     finally:

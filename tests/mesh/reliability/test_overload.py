@@ -4,20 +4,12 @@ and frees its blocks on every worker."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig, SchedulerConfig
-from engine.engine import Engine
-from engine.errors import OverloadedError
-from engine.sampling_params import SamplingParams
 from pdmesh.limits import ServingLimits
-from pdmesh.rpc import status_for
 from pdmesh.v1 import generation_pb2 as gen_pb
 from tests.mesh.harness import MeshThread
 from tests.mesh.reliability.common import (
@@ -25,7 +17,6 @@ from tests.mesh.reliability.common import (
     assert_serving_and_idle,
     status_of,
 )
-from tests.tiny_models import save_tiny_model
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
 
@@ -71,43 +62,6 @@ def test_deadline_while_prefilling(shared_mesh: MeshThread) -> None:
     stream = shared_mesh.stub.Generate(request, timeout=0.3)
     assert status_of(stream) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert_serving_and_idle(shared_mesh)
-
-
-@pytest.fixture(scope="module")
-def one_at_a_time(tmp_path_factory: pytest.TempPathFactory) -> AsyncEngine:
-    """An engine that runs one request at a time and lets one more wait."""
-    directory: Path = save_tiny_model("llama3", tmp_path_factory.mktemp("overload"))
-    config = EngineConfig(
-        model=str(directory), device="cpu", scheduler=SchedulerConfig(max_num_seqs=1)
-    )
-    return AsyncEngine(Engine(config), max_waiting=1)
-
-
-def test_worker_refuses_past_max_waiting(one_at_a_time: AsyncEngine) -> None:
-    params = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
-
-    async def scenario() -> BaseException | None:
-        running = one_at_a_time.generate([1, 2, 3], params, "running")
-        await running.__anext__()
-        waiting = one_at_a_time.generate([4, 5, 6], params, "waiting")
-        waiting_task = asyncio.ensure_future(waiting.__anext__())
-        while one_at_a_time.load().num_waiting < 1:
-            await asyncio.sleep(0.01)
-        refused: BaseException | None = None
-        try:
-            await one_at_a_time.generate([7, 8], params, "refused").__anext__()
-        except OverloadedError as error:
-            refused = error
-        waiting_task.cancel()
-        await running.aclose()
-        return refused
-
-    refused = asyncio.run(scenario())
-    assert refused is not None
-    code, message = status_for(refused)
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_waiting" in message
-    _wait_for(lambda: one_at_a_time.load().num_used_blocks == 0)
-    one_at_a_time.stop()
 
 
 def test_limits_come_from_flags_then_environment_then_defaults() -> None:

@@ -1,0 +1,93 @@
+"""Engine flags shared by every command that builds an engine (generate, up, serve, bench).
+
+Each flag falls back to a ``PDMESH_*`` variable, then to a default that depends on the device
+where vLLM's does (a GPU batches 256 sequences, a CPU 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig, default_device
+
+#: Flag name -> (type, help). The variable is PDMESH_ + the name in upper case.
+ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
+    "max_num_seqs": (int, "sequences batched at once (default 256 on GPU, 64 on CPU)"),
+    "max_num_batched_tokens": (int, "tokens per forward pass (default max(2048, max_num_seqs))"),
+    "gpu_memory_utilization": (float, "share of the GPU this worker may use (default 0.9)"),
+    "num_kv_blocks": (int, "KV cache blocks (default: sized from the memory share)"),
+    "load_format": (str, "auto (read the checkpoint) or dummy (random weights, shapes only)"),
+}
+GPU_MAX_NUM_SEQS = 256
+CPU_MAX_NUM_SEQS = 64
+MIN_BATCHED_TOKENS = 2048
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M)")
+    parser.add_argument(
+        "--dtype", choices=["auto", *DTYPES], help="default auto: float32 on CPU, 16-bit on GPU"
+    )
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--tp", type=int, help="tensor-parallel ranks (serve; default 1)")
+    parser.add_argument(
+        "--handoff-lane-mib",
+        type=int,
+        help="device memory of a prefill worker's hand-off lane (0: none; default 2048 on CUDA)",
+    )
+    for name, (kind, text) in ENGINE_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=kind, help=f"{text}; PDMESH_{name.upper()}")
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=None,
+        help="no CUDA graphs (PDMESH_ENFORCE_EAGER=1)",
+    )
+
+
+def _setting(args: argparse.Namespace, name: str, environ: Mapping[str, str]) -> Any:
+    given = getattr(args, name, None)
+    if given is not None:
+        return given
+    raw = environ.get(f"PDMESH_{name.upper()}")
+    if raw is None or raw == "":
+        return None
+    kind = ENGINE_FLAGS[name][0] if name in ENGINE_FLAGS else str
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"PDMESH_{name.upper()}={raw!r} is not a {kind.__name__}") from None
+
+
+def engine_config_from(
+    args: argparse.Namespace, environ: Mapping[str, str] = os.environ
+) -> EngineConfig:
+    """The engine a command's flags (then variables, then defaults) describe."""
+    device = args.device or environ.get("PDMESH_DEVICE") or default_device()
+    seqs = _setting(args, "max_num_seqs", environ)
+    seqs = seqs or (GPU_MAX_NUM_SEQS if device.startswith("cuda") else CPU_MAX_NUM_SEQS)
+    tokens = _setting(args, "max_num_batched_tokens", environ) or max(MIN_BATCHED_TOKENS, seqs)
+    cache: dict[str, Any] = {
+        "num_blocks": _setting(args, "num_kv_blocks", environ),
+        "handoff_lane_mib": getattr(args, "handoff_lane_mib", None),
+        "gpu_memory_utilization": _setting(args, "gpu_memory_utilization", environ),
+    }
+    eager = getattr(args, "enforce_eager", None)
+    if eager is None:
+        eager = environ.get("PDMESH_ENFORCE_EAGER", "") not in ("", "0", "false")
+    return EngineConfig.from_env(
+        model=args.model,
+        dtype=args.dtype,
+        device=device,
+        max_model_len=args.max_model_len,
+        tensor_parallel_size=getattr(args, "tp", None),
+        load_format=_setting(args, "load_format", environ),
+        enforce_eager=eager,
+        scheduler=SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=tokens),
+        cache=CacheConfig(**{k: v for k, v in cache.items() if v is not None}),
+    )
