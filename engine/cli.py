@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--prefill-tp", type=int, default=1, help="ranks per prefill worker")
     up.add_argument("--decode-tp", type=int, default=1, help="ranks per decode worker")
+    for role in ("prefill", "decode"):
+        up.add_argument(
+            f"--{role}-devices",
+            type=device_list,
+            help=f"GPUs of the {role} workers, e.g. 0 or 0,1 (default: the engine's device; "
+            "workers on one GPU split --gpu-memory-utilization)",
+        )
     up.add_argument(
         "--colocated",
         action="store_true",
@@ -103,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(commands)
     return parser
+
+
+def device_list(text: str) -> tuple[int, ...]:
+    try:
+        devices = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"GPU indexes like 0 or 0,1, got {text!r}") from None
+    if not devices or min(devices) < 0:
+        raise argparse.ArgumentTypeError(f"GPU indexes like 0 or 0,1, got {text!r}")
+    return devices
 
 
 def add_mesh_args(parser: argparse.ArgumentParser) -> None:

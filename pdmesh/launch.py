@@ -100,6 +100,8 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
         security=security,
         metrics_port=resolve_metrics_port(args.metrics_port, args.port),
         limits=limits_from(args),
+        prefill_devices=args.prefill_devices,
+        decode_devices=args.decode_devices,
     )
 
     async def main() -> None:

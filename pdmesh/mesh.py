@@ -80,6 +80,10 @@ class MeshConfig:
     metrics_port: int | None = None
     #: Overload bounds, request size limit and drain timeout.
     limits: ServingLimits = field(default_factory=ServingLimits)
+    #: GPUs the prefill (or colocated) / decode workers run on, taken in turn; None: the
+    #: engine's device for all. Workers on one GPU split ``gpu_memory_utilization``.
+    prefill_devices: tuple[int, ...] | None = None
+    decode_devices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or (self.num_decode < 1 and not self.colocated):
@@ -99,6 +103,62 @@ class MeshConfig:
 
     def worker_port(self, index: int) -> int:
         return 0 if self.gateway_port == 0 else self.gateway_port + 1 + index
+
+    @property
+    def roles(self) -> list[str]:
+        if self.colocated:
+            return ["colocated"] * self.num_prefill
+        return ["prefill"] * self.num_prefill + ["decode"] * self.num_decode
+
+    def placements(self) -> list[Placement]:
+        """Where each worker (in ``roles`` order) runs, with its share of its GPU."""
+        devices: list[int | None] = []
+        seen: dict[str, int] = {}
+        for role in self.roles:
+            pool = self.decode_devices if role == "decode" else self.prefill_devices
+            index = seen[role] = seen.get(role, -1) + 1
+            devices.append(None if not pool else pool[index % len(pool)])
+        share = self.engine.cache.gpu_memory_utilization
+        return [
+            Placement(device, share / devices.count(device), devices.count(device) > 1)
+            for device in devices
+        ]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One worker's GPU (None: the engine's device as configured) and memory share."""
+
+    device: int | None
+    gpu_memory_utilization: float
+    shared: bool
+
+    def env(self) -> dict[str, str]:
+        return {} if self.device is None else {"CUDA_VISIBLE_DEVICES": str(self.device)}
+
+    def engine(self, config: EngineConfig, tp: int) -> EngineConfig:
+        cache = dataclasses.replace(
+            config.cache, gpu_memory_utilization=self.gpu_memory_utilization
+        )
+        device = config.device if self.device is None else "cuda"  # the one GPU it sees
+        return dataclasses.replace(config, device=device, tensor_parallel_size=tp, cache=cache)
+
+
+def warn_shared_devices(config: MeshConfig) -> None:
+    """Two processes on one GPU time-slice it: a prefill's long forward passes stall the
+    decode worker's steps. Allowed (one GPU, a laptop), never silent."""
+    if not config.engine.device.startswith("cuda") or config.colocated:
+        return
+    places = config.placements()
+    prefill = {p.device for r, p in zip(config.roles, places, strict=True) if r == "prefill"}
+    decode = {p.device for r, p in zip(config.roles, places, strict=True) if r == "decode"}
+    for device in prefill & decode:
+        logger.warning(
+            "a prefill and a decode worker share GPU %s: they time-slice it (decode steps "
+            "wait behind prefill passes) and split its memory; give them their own with "
+            "--prefill-devices / --decode-devices",
+            "(default)" if device is None else device,
+        )
 
 
 def service_metrics_port(first: int | None, index: int) -> int | None:
@@ -288,28 +348,27 @@ class Mesh:
 
     async def start(self) -> None:
         config = self.config
-        roles = ["prefill"] * config.num_prefill + ["decode"] * config.num_decode
-        if config.colocated:
-            roles = ["colocated"] * config.num_prefill
+        roles, places = config.roles, config.placements()
         tp = {
             "prefill": config.prefill_tp,
             "decode": config.decode_tp,
             "colocated": config.prefill_tp,
         }
+        warn_shared_devices(config)
 
         async def one(index: int, role: str) -> WorkerHandle:
             address = f"{config.worker_host}:{config.worker_port(index)}"
-            engine = dataclasses.replace(config.engine, tensor_parallel_size=tp[role])
             port = service_metrics_port(config.metrics_port, 1 + index)
             return await start_worker(
                 role,
-                engine,
+                places[index].engine(config.engine, tp[role]),
                 self.store_spec,
                 address,
                 self.security,
                 port,
                 config.limits,
                 config.store_capacity_blocks,
+                env=places[index].env(),
             )
 
         # The engines load their models at the same time, each in its own process.
