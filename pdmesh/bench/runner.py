@@ -4,6 +4,7 @@ still running) or closed loop (a fixed number of requests in flight), timing eve
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import sys
 import time
 from collections.abc import Sequence
@@ -137,3 +138,58 @@ async def _closed_loop(one: Any, num_requests: int, concurrency: int) -> None:
             await one(index)
 
     await asyncio.gather(*(client() for _ in range(min(concurrency, num_requests))))
+
+
+def run_load_processes(
+    target: str,
+    requests: Sequence[BenchRequest],
+    shape: LoadShape,
+    temperature: float = 0.0,
+    timeout_s: float = 600.0,
+    clients: int = 1,
+) -> tuple[list[RequestResult], float]:
+    """The load split over ``clients`` processes, each with its own event loop and GIL, so
+    hundreds of streams are not limited by one Python process reading them. Request i goes
+    to client i % clients (with its arrival time, or its share of the concurrency); all start
+    together at a barrier, and the wall time runs from the first start to the last end."""
+    if clients <= 1:
+        return asyncio.run(
+            run_load(target, requests, shape, temperature, timeout_s, progress=False)
+        )
+    context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(clients), context.Queue()
+    processes = []
+    for index in range(clients):
+        part = list(requests[index::clients])
+        if shape.arrival_offsets is not None:
+            share = LoadShape(arrival_offsets=shape.arrival_offsets[index::clients])
+        else:
+            assert shape.concurrency is not None
+            extra = int(index < shape.concurrency % clients)
+            share = LoadShape(concurrency=max(1, shape.concurrency // clients + extra))
+        args = (target, part, share, temperature, timeout_s, barrier, queue)
+        processes.append(context.Process(target=_client, args=args, daemon=True))
+    for process in processes:
+        process.start()
+    reports = [queue.get(timeout=timeout_s + 120) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+    results = [result for _, _, part in reports for result in part]
+    return results, max(end for _, end, _ in reports) - min(start for start, _, _ in reports)
+
+
+def _client(
+    target: str,
+    requests: list[BenchRequest],
+    shape: LoadShape,
+    temperature: float,
+    timeout_s: float,
+    barrier: Any,
+    queue: Any,
+) -> None:
+    barrier.wait()
+    started = time.time()
+    results, _ = asyncio.run(
+        run_load(target, requests, shape, temperature, timeout_s, progress=False)
+    )
+    queue.put((started, time.time(), results))

@@ -25,7 +25,7 @@ from pdmesh.bench import plots
 from pdmesh.bench.arrivals import arrival_offsets
 from pdmesh.bench.env import environment, write_json
 from pdmesh.bench.meshes import recorded_config, serving
-from pdmesh.bench.runner import LoadShape, run_load
+from pdmesh.bench.runner import LoadShape, run_load, run_load_processes
 from pdmesh.bench.stats import SLO, RequestResult, report
 from pdmesh.bench.workload import DISTRIBUTIONS, BenchRequest, WorkloadSpec, make_workload
 from pdmesh.mesh import MeshConfig
@@ -77,6 +77,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     load.add_argument("--concurrency", type=int, nargs="+", help="requests in flight, closed loop")
     parser.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson; <1 burstier")
+    parser.add_argument(
+        "--clients", type=int, default=1, help="load-generator processes sharing the load"
+    )
     add_workload_args(parser)
     add_slo_args(parser)
     add_output_args(parser)
@@ -153,9 +156,16 @@ def run_points(
     runs = []
     for label, fields, shape in shapes(args, len(requests)):
         label = f"{name} {label}".strip()
-        results, duration = asyncio.run(
-            run_load(target, requests, shape, args.temperature, args.timeout, label, args.progress)
-        )
+        if getattr(args, "clients", 1) > 1:  # processes of their own: one Python cannot read 500 streams
+            results, duration = run_load_processes(
+                target, requests, shape, args.temperature, args.timeout, args.clients
+            )
+        else:
+            results, duration = asyncio.run(
+                run_load(
+                    target, requests, shape, args.temperature, args.timeout, label, args.progress
+                )
+            )
         run = {"label": label, **fields, **report(results, duration, slo)}
         print_run(run)
         runs.append({**run, "requests": request_rows(results)})
