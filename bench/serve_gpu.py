@@ -168,6 +168,7 @@ def layout_rows(
                 "offline_tok_s": offline_tps, "engine_ms_per_step": step_ms,
                 "ratio": run["output_token_throughput"] / offline_tps if offline_tps else None,
                 "ttft_ms": run["ttft_ms"], "tpot_ms": run["tpot_ms"], "completed": run["completed"],
+                "errors": run.get("errors", {}),
             }  # fmt: skip
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -57,6 +57,7 @@ def _launch(executable: str, log: IO[bytes], port: int) -> tuple[subprocess.Pope
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=tempfile.gettempdir(),
+        start_new_session=True,  # a terminal's Ctrl-C is for our launcher, which stops it last
     )  # fmt: skip
     return proc, port
 

@@ -114,10 +114,10 @@ class RedisKVStore(KVStore):
         self._moved_lock = threading.Lock()
         self._register_handle()
 
-
     @property
     def block_path(self) -> str:
         return "shared-memory" if isinstance(self._plane, SharedMemoryPlane) else "redis"
+
     def put(self, owner: str, blocks: Sequence[tuple[BlockHash, bytes]]) -> None:
         self._check_open()
         if not blocks:

@@ -1,27 +1,22 @@
-"""``pdmesh up`` and ``pdmesh serve``: run services until Ctrl-C / SIGTERM, then stop cleanly."""
+"""``pdmesh up`` (every service of a local mesh, each in its process) and ``pdmesh serve``
+(one service): run until Ctrl-C / SIGTERM, then drain and stop cleanly."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+import sys
+import threading
 
 from engine.config import EngineConfig
-from engine.kv_transfer import transfer_path
-from kvstore.factory import open_store
 from kvstore.local_redis import start_redis, stop_redis
+from pdmesh.cluster import LocalCluster
 from pdmesh.limits import ServingLimits
-from pdmesh.mesh import Mesh, MeshConfig, start_gateway, start_worker
+from pdmesh.mesh import MeshConfig
 from pdmesh.request_log import configure_logging
 from pdmesh.security import SecurityConfig
-from pdmesh.shutdown import drain_gateway, drain_worker
-
-if TYPE_CHECKING:
-    from pdmesh.metrics import ServiceMetrics
+from pdmesh.services import ServiceSpec, describe_gateway, describe_workers, serve
 
 #: Default first metrics port of ``pdmesh up`` / ``pdmesh serve`` (vLLM serves /metrics on
 #: 8000); workers of ``pdmesh up`` take the ports after it, as their gRPC ports do.
@@ -38,36 +33,6 @@ def resolve_metrics_port(flag: int | None, grpc_port: int) -> int | None:
     if flag < -1 or flag > 65535:
         raise ValueError(f"bad metrics port {flag} (-1 turns metrics off)")
     return None if flag == -1 else flag
-
-
-def _event_loop_policy() -> None:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-async def _until_signal(stop: Callable[[], Awaitable[None]]) -> None:
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, done.set)
-    await done.wait()
-    print("pdmesh: draining, then stopping", flush=True)
-    await stop()
-
-
-def describe_gateway(security: SecurityConfig) -> str:
-    """How the public port is protected; never a key itself."""
-    keys = len(security.api_keys)
-    public = f"{keys} API key(s) required" if keys else "public API open (no API key set)"
-    return f"{public}, {'TLS' if security.is_public_tls else 'plaintext'}"
-
-
-def describe_workers(security: SecurityConfig, generated_secret: bool) -> str:
-    """How the internal ports are protected; never the secret itself."""
-    secret = "generated for this process" if generated_secret else "configured"
-    return f"mesh secret {secret}{', mutual TLS' if security.is_mesh_tls else ''}"
 
 
 def run_up(args: argparse.Namespace, engine: EngineConfig, security: SecurityConfig) -> int:
@@ -103,31 +68,32 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
         prefill_devices=args.prefill_devices,
         decode_devices=args.decode_devices,
     )
-
-    async def main() -> None:
-        mesh = Mesh(config)
-        await mesh.start()
-        generated = security.mesh_secret is None
-        print(
-            f"pdmesh: gateway: {describe_gateway(mesh.security)}; "
-            f"workers: {describe_workers(mesh.security, generated)}",
-            flush=True,
-        )
-        for worker in mesh.workers:
-            print(f"pdmesh: {worker.role} worker on {worker.address}", flush=True)
-        for name, port in mesh.metrics_ports.items():
-            print(f"pdmesh: {name} metrics on http://{config.host}:{port}/metrics", flush=True)
-        print(
-            f"pdmesh: gateway listening on {mesh.gateway_address} (store: {config.store}, "
-            f"hand-off path: {transfer_path(mesh.store)})",
-            flush=True,
-        )
-        await _until_signal(mesh.stop)
-
     configure_logging(args.log_format)
-    _event_loop_policy()
-    asyncio.run(main())
-    return 0
+    cluster = LocalCluster(config, args.log_format)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    try:
+        cluster.start()
+        for worker in cluster.workers:
+            print(f"pdmesh: {worker.role} worker on {worker.address}", flush=True)
+        print(
+            f"pdmesh: gateway listening on {cluster.gateway_address} (store: {config.store}, "
+            f"{len(cluster.workers) + 1} service processes)",
+            flush=True,
+        )
+        while not stopping.wait(0.5):
+            gone = cluster.exited()
+            if gone is not None and gone.role == "gateway":
+                print("pdmesh: the gateway exited; stopping", file=sys.stderr, flush=True)
+                return 1
+            if gone is not None:  # the gateway's router already took it out of service
+                print(f"pdmesh: {gone.name} exited", file=sys.stderr, flush=True)
+                cluster.workers.remove(gone)
+        print("pdmesh: draining, then stopping", flush=True)
+        return 0
+    finally:
+        cluster.stop()
 
 
 def limits_from(args: argparse.Namespace) -> ServingLimits:
@@ -142,76 +108,33 @@ def limits_from(args: argparse.Namespace) -> ServingLimits:
 
 
 def run_serve(args: argparse.Namespace, engine: EngineConfig, security: SecurityConfig) -> int:
-    address = f"{args.host}:{args.port}"
     if security.mesh_secret is None:  # fail before loading anything
         raise ValueError(
             f"pdmesh serve {args.role} needs the mesh secret shared by the gateway and its "
             "workers: set PDMESH_MESH_SECRET or PDMESH_MESH_SECRET_FILE (or --mesh-secret-file)"
         )
-    metrics_port = resolve_metrics_port(args.metrics_port, args.port)
-    limits = limits_from(args)
     if args.role in ("prefill", "decode") and args.store == "embedded":
         # The embedded store lives in one process: a worker alone in its own could hand off
-        # to no one. `pdmesh up` is the in-process layout.
+        # to no one. `pdmesh up` starts a shared one.
         raise ValueError(
             f"a {args.role} worker in its own process needs a store shared with the others: "
             "--store redis+shm://HOST:PORT/DB (same host, shared memory) or "
             "redis://HOST:PORT/DB (any host)"
         )
-
-    async def main() -> None:
-        store = open_store(args.store, args.store_capacity_blocks)
-        if args.role == "gateway":
-            if not args.colocated_addr and not (args.prefill_addr and args.decode_addr):
-                raise ValueError(
-                    "the gateway needs --prefill-addr and --decode-addr, or --colocated-addr"
-                )
-            server, core = await start_gateway(
-                engine,
-                store,
-                address,
-                args.prefill_addr,
-                args.decode_addr,
-                args.colocated_addr,
-                security=security,
-                metrics_port=metrics_port,
-                limits=limits,
-            )
-            metrics: ServiceMetrics | None = core.metrics
-
-            async def stop() -> None:
-                await drain_gateway(server, core, limits.drain_timeout_s)
-                await server.stop()
-                await core.router.close()
-        else:
-            worker = await start_worker(
-                args.role,
-                engine,
-                args.store,
-                address,
-                security,
-                metrics_port,
-                limits,
-                args.store_capacity_blocks,
-            )
-            metrics = worker.metrics
-
-            async def stop() -> None:
-                await drain_worker(worker.server, worker.engine, limits.drain_timeout_s)
-                await worker.stop()
-
-        is_gateway = args.role == "gateway"
-        described = describe_gateway(security) if is_gateway else describe_workers(security, False)
-        print(f"pdmesh: {args.role}: {described}", flush=True)
-        if metrics is not None:
-            print(f"pdmesh: metrics on http://{args.host}:{metrics.port}/metrics", flush=True)
-        print(f"pdmesh: {args.role} listening on {address}", flush=True)
-        await _until_signal(stop)
-        if metrics is not None:
-            metrics.stop()
-        store.close()
-
-    configure_logging(args.log_format)
-    _event_loop_policy()
-    asyncio.run(main())
+    spec = ServiceSpec(
+        role=args.role,
+        engine=engine,
+        address=f"{args.host}:{args.port}",
+        store=args.store,
+        security=security,
+        limits=limits_from(args),
+        metrics_port=resolve_metrics_port(args.metrics_port, args.port),
+        store_capacity_blocks=args.store_capacity_blocks,
+        prefill=tuple(args.prefill_addr),
+        decode=tuple(args.decode_addr),
+        colocated=tuple(args.colocated_addr),
+        log_format=args.log_format,
+    )
+    is_gateway = args.role == "gateway"
+    serve(spec, describe_gateway(security) if is_gateway else describe_workers(security, False))
     return 0

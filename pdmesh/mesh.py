@@ -1,8 +1,7 @@
-"""Starting services: one worker, the gateway, or the whole mesh in one process.
-
-``pdmesh up`` (the default, embedded store) runs every service in this process, each on its
-own port with its own gRPC server, so every hop still crosses a real socket; the workers
-share an in-process KV store. ``pdmesh serve ROLE`` runs one service, as a container would.
+"""Starting services: one worker, the gateway, or a whole mesh whose services share this
+process (``Mesh``: tests and embedding; each engine core still runs in a process of its own
+and every hop crosses a real socket). ``pdmesh up`` runs each service in a process of its
+own instead (``pdmesh/cluster.py``); ``pdmesh serve ROLE`` runs one, as a container would.
 """
 
 from __future__ import annotations
@@ -88,14 +87,6 @@ class MeshConfig:
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or (self.num_decode < 1 and not self.colocated):
             raise ValueError("a mesh needs at least one prefill and one decode worker")
-        # One process holds one tensor-parallel group: in `pdmesh up` (one process) at most
-        # one worker may be sharded. Larger layouts run `pdmesh serve ROLE --tp N` per worker.
-        sharded = self.num_prefill * (self.prefill_tp > 1) + self.num_decode * (self.decode_tp > 1)
-        if sharded > 1:
-            raise ValueError(
-                "pdmesh up runs at most one tensor-parallel worker; "
-                "start sharded workers with `pdmesh serve prefill|decode --tp N`"
-            )
         if not 0 <= self.gateway_port < 65536:
             raise ValueError(f"bad port {self.gateway_port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:

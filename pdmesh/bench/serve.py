@@ -156,7 +156,8 @@ def run_points(
     runs = []
     for label, fields, shape in shapes(args, len(requests)):
         label = f"{name} {label}".strip()
-        if getattr(args, "clients", 1) > 1:  # processes of their own: one Python cannot read 500 streams
+        # Clients in processes of their own: one Python cannot read 500 streams at speed.
+        if getattr(args, "clients", 1) > 1:
             results, duration = run_load_processes(
                 target, requests, shape, args.temperature, args.timeout, args.clients
             )

@@ -8,6 +8,7 @@ met both the TTFT and the TPOT SLO; SLO attainment is their share of all request
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ def report(results: Sequence[RequestResult], duration_s: float, slo: SLO) -> dic
         "num_requests": len(results),
         "completed": len(done),
         "failed": len(results) - len(done),
+        "errors": dict(collections.Counter(r.error[:120] for r in results if not r.success)),
         "duration_s": duration_s,
         "total_input_tokens": input_tokens,
         "total_output_tokens": output_tokens,
