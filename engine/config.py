@@ -295,6 +295,10 @@ class EngineConfig:
     enforce_eager: bool = False
     #: Ranks (processes, one GPU each on CUDA) the model is sharded over.
     tensor_parallel_size: int = 1
+    #: Ranks an MoE layer's experts are split over (each expert whole on its rank when it
+    #: equals the TP size; sharded over the remaining tensor_parallel_size / EP ranks
+    #: otherwise); dense layers stay tensor-parallel. None: EP = TP.
+    expert_parallel_size: int | None = None
     #: Schedule step N+1 while the device computes step N (greedy rows' tokens stay on the
     #: device until then). None: on for CUDA, off on CPU where the forward pass is synchronous
     #: and overlapping would only delay each token by one step.
@@ -311,6 +315,12 @@ class EngineConfig:
             )
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be at least 1")
+        ep = self.expert_parallel_size
+        if ep is not None and (ep < 1 or self.tensor_parallel_size % ep):
+            raise ValueError(
+                f"expert_parallel_size {ep} must divide tensor_parallel_size "
+                f"{self.tensor_parallel_size}"
+            )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
