@@ -53,3 +53,21 @@ def test_family_configs_are_read(tmp_path: Path) -> None:
     assert mixtral is not None and mixtral.norm_topk_prob and mixtral.num_experts == 4
     qwen3_moe = config("qwen3_moe").moe
     assert qwen3_moe is not None and qwen3_moe.norm_topk_prob and qwen3_moe.num_experts == 4
+
+
+@pytest.mark.parametrize("kind", ["phi3", "gemma2"])
+def test_dense_family_tp2_equals_tp1(kind: str, tmp_path: Path) -> None:
+    # Phi-3's fused checkpoint tensors split before sharding; Gemma 2's caps and windows
+    # hold per rank's heads.
+    directory = str(save_tiny_model(kind, tmp_path))
+    prompts = [*random_prompts(3, seed=7), list(range(1, 41))]
+    cache = CacheConfig(block_size=8)
+    expected = LLM(EngineConfig(model=directory, device="cpu", cache=cache)).generate(
+        prompts, GREEDY
+    )
+    llm = LLM(EngineConfig(model=directory, device="cpu", cache=cache, tensor_parallel_size=2))
+    try:
+        got = llm.generate(prompts, GREEDY)
+    finally:
+        llm.engine.shutdown()
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
