@@ -71,3 +71,21 @@ def test_dense_family_tp2_equals_tp1(kind: str, tmp_path: Path) -> None:
     finally:
         llm.engine.shutdown()
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+
+
+def test_gemma2_logprobs_follow_the_capped_logits(tmp_path: Path) -> None:
+    # tanh keeps the argmax, so greedy tokens cannot show the final soft-cap; logprobs do.
+    import torch
+
+    directory = save_tiny_model("gemma2", tmp_path)
+    hf = load_hf(directory)
+    llm = LLM(EngineConfig(model=str(directory), device="cpu", cache=CacheConfig(block_size=8)))
+    prompt = random_prompts(1, seed=2)[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0, logprobs=0))[0]
+    with torch.inference_mode():
+        logits = hf(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1 : -1]
+    assert logits.abs().max() <= 3.0  # HF's own logits are capped at 3
+    expected = logits.log_softmax(-1)
+    for step, entry in enumerate(out.logprobs):
+        assert entry.token_id == out.token_ids[step]
+        assert abs(entry.logprob - float(expected[step, entry.token_id])) < 1e-4
