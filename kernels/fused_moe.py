@@ -238,11 +238,13 @@ class MoELaunchConfig:
             require(value >= 16 and value & (value - 1) == 0, "{} must be a power of 2 >= 16", name)
 
 
-def default_moe_config(num_pairs: int) -> MoELaunchConfig:
+def default_moe_config(num_pairs: int, intermediate: int) -> MoELaunchConfig:
     """Decode (few pairs per expert) wants short blocks so padding costs little and many
-    column tiles so the weight stream fills the device; prefill wants square tiles."""
+    column tiles so the weight stream fills the device (narrower ones for small experts,
+    e.g. Qwen3-30B-A3B's 768); prefill wants square tiles. Not tuned on a GPU yet."""
     if num_pairs <= 64:
-        return MoELaunchConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+        block_n = 32 if intermediate <= 2048 else 64
+        return MoELaunchConfig(block_m=16, block_n=block_n, block_k=128, num_stages=4)
     if num_pairs <= 1024:
         return MoELaunchConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
     return MoELaunchConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
@@ -329,5 +331,5 @@ def fused_moe(
     activation: str = "silu",
 ) -> torch.Tensor:
     """Triton ``fused_moe_ref``: (T, H) -> (T, H), no host synchronization."""
-    config = default_moe_config(topk_ids.numel())
+    config = default_moe_config(topk_ids.numel(), w13.shape[1] // 2)
     return launch_fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation, config)
