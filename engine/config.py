@@ -43,6 +43,17 @@ class RopeScaling:
             raise ValueError(f"unsupported rope scaling type {self.rope_type!r}")
 
 
+def _layer_types(hf: dict[str, Any]) -> tuple[str, ...]:
+    """Per-layer attention kinds; Gemma 2 configs written before ``layer_types`` existed
+    alternate, sliding first."""
+    if hf.get("layer_types"):
+        return tuple(hf["layer_types"])
+    if hf.get("model_type") == "gemma2":
+        kinds = ("sliding_attention", "full_attention")
+        return tuple(kinds[i % 2] for i in range(hf["num_hidden_layers"]))
+    return ()
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Sparse MLP of Mixtral, Qwen2-MoE and Qwen3-MoE: each token runs its top-k experts."""
@@ -198,7 +209,7 @@ class ModelConfig:
             final_logit_softcap=hf.get("final_logit_softcapping")
             if model_type == "gemma2"
             else None,
-            layer_types=tuple(hf.get("layer_types") or ()) if sliding_window else (),
+            layer_types=_layer_types(hf) if sliding_window else (),
             moe=MoEConfig.from_hf(hf),
         )
 

@@ -4,11 +4,12 @@ one prompt alone and all of them in one mixed batch."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from engine.config import CacheConfig, EngineConfig
+from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.llm import LLM
 from engine.model_source import load_model_config, resolve_model
 from engine.sampling_params import SamplingParams
@@ -45,6 +46,8 @@ def test_family_configs_are_read(tmp_path: Path) -> None:
     assert (gemma.attn_logit_softcap, gemma.final_logit_softcap) == (2.0, 3.0)
     assert gemma.attention_scale == 32**-0.5
     assert [gemma.layer_sliding_window(i) for i in range(4)] == [24, None, 24, None]
+    older = {**json.loads((tmp_path / "gemma2" / "config.json").read_text()), "layer_types": None}
+    assert ModelConfig.from_hf(older).layer_types == gemma.layer_types  # pre-layer_types files
     assert config("qwen3").qk_norm
     qwen2_moe = config("qwen2_moe").moe
     assert qwen2_moe is not None and qwen2_moe.dense_layers == (1,)
