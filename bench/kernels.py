@@ -389,6 +389,44 @@ def prefill_cases(s: Shapes, device: torch.device) -> list[Case]:
     return cases
 
 
+def _experts_touched(num_experts: int, top_k: int, tokens: int) -> float:
+    """Expected distinct experts a batch of ``tokens`` routes to (uniform routing)."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
+
+
+def moe_cases(s: Shapes, device: torch.device) -> list[Case]:
+    """One Mixtral-8x7B MoE layer (8 experts, top 2, the shapes' hidden/intermediate): the
+    fused kernel against the per-expert torch loop. Decode batches count the bytes of the
+    experts they touch (bandwidth bound); the prefill batch counts FLOPs."""
+    from kernels.fused_moe import fused_moe, fused_moe_ref
+
+    num_experts, top_k = 8, 2
+    w13 = torch.randn(num_experts, 2 * s.intermediate, s.hidden, dtype=s.dtype, device=device)
+    w2 = torch.randn(num_experts, s.hidden, s.intermediate, dtype=s.dtype, device=device)
+    w13, w2 = w13 * 0.02, w2 * 0.02
+    expert_bytes = (_nbytes(w13) + _nbytes(w2)) / num_experts
+    cases = []
+    batches = (1, 16, 64) if device.type == "cuda" else (1, 4)
+    for tokens in (*batches, s.prefill_tokens):
+        x = torch.randn(tokens, s.hidden, dtype=s.dtype, device=device)
+        logits = torch.randn(tokens, num_experts, device=device)
+        weights, ids = torch.topk(logits.softmax(-1), top_k, dim=-1)
+        decode = tokens in batches
+        touched = _experts_touched(num_experts, top_k, tokens)
+        cases.append(
+            Case(
+                "fused_moe",
+                f"T={tokens} E={num_experts} top{top_k} H={s.hidden} I={s.intermediate}",
+                partial(fused_moe, x, w13, w2, weights, ids),
+                partial(fused_moe_ref, x, w13, w2, weights, ids),
+                bytes_moved=touched * expert_bytes if decode else 0.0,
+                flops=0.0 if decode else 6.0 * tokens * top_k * s.hidden * s.intermediate,
+                target=TARGET_DECODE_HBM if decode else TARGET_PREFILL_PEAK,
+            )
+        )
+    return cases
+
+
 CASE_BUILDERS: dict[str, Callable[[Shapes, torch.device], list[Case]]] = {
     "norm": norm_cases,
     "activation": activation_cases,
@@ -396,6 +434,7 @@ CASE_BUILDERS: dict[str, Callable[[Shapes, torch.device], list[Case]]] = {
     "rope": rope_cases,
     "decode": decode_cases,
     "prefill": prefill_cases,
+    "moe": moe_cases,
 }
 
 

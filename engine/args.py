@@ -35,6 +35,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--tp", type=int, help="tensor-parallel ranks (serve; default 1)")
     parser.add_argument(
+        "--ep", type=int, help="ranks MoE experts are split over (divides --tp; default = TP)"
+    )
+    parser.add_argument(
         "--handoff-lane-mib",
         type=int,
         help="device memory of a prefill worker's hand-off lane (0: none; default 2048 on CUDA)",
@@ -64,6 +67,10 @@ def _setting(args: argparse.Namespace, name: str, environ: Mapping[str, str]) ->
         raise ValueError(f"PDMESH_{name.upper()}={raw!r} is not a {kind.__name__}") from None
 
 
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def engine_config_from(
     args: argparse.Namespace, environ: Mapping[str, str] = os.environ
 ) -> EngineConfig:
@@ -86,6 +93,7 @@ def engine_config_from(
         device=device,
         max_model_len=args.max_model_len,
         tensor_parallel_size=getattr(args, "tp", None),
+        expert_parallel_size=_int_or_none(_setting(args, "ep", environ)),
         load_format=_setting(args, "load_format", environ),
         enforce_eager=eager,
         scheduler=SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=tokens),

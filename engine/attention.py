@@ -36,10 +36,14 @@ class PagedAttention(nn.Module):
         head_dim: int,
         cos_sin_cache: torch.Tensor,
         sliding_window: int | None,
+        scale: float | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim**-0.5
+        self.scale = scale if scale is not None else head_dim**-0.5
+        #: Gemma 2 caps scores at softcap * tanh(score / softcap); None: uncapped.
+        self.softcap = softcap
         self.sliding_window = sliding_window
         self.cos_sin_cache = cos_sin_cache
         # (num_blocks, block_size, num_kv_heads, head_dim) each; bound by the model runner.
@@ -70,6 +74,7 @@ class PagedAttention(nn.Module):
                 meta.seq_lens,
                 self.scale,
                 self.sliding_window,
+                self.softcap,
             )
         else:
             out = ops.paged_attention(
@@ -81,5 +86,6 @@ class PagedAttention(nn.Module):
                 meta.seq_lens,
                 self.scale,
                 self.sliding_window,
+                self.softcap,
             )
         return out.flatten(1)

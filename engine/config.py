@@ -10,7 +10,21 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+)
+#: Families whose Hugging Face config applies ``sliding_window`` only with use_sliding_window.
+_OPT_IN_WINDOW = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+#: HF activation names -> the gated activation of the MLP.
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -29,9 +43,63 @@ class RopeScaling:
             raise ValueError(f"unsupported rope scaling type {self.rope_type!r}")
 
 
+def _layer_types(hf: dict[str, Any]) -> tuple[str, ...]:
+    """Per-layer attention kinds; Gemma 2 configs written before ``layer_types`` existed
+    alternate, sliding first."""
+    if hf.get("layer_types"):
+        return tuple(hf["layer_types"])
+    if hf.get("model_type") == "gemma2":
+        kinds = ("sliding_attention", "full_attention")
+        return tuple(kinds[i % 2] for i in range(hf["num_hidden_layers"]))
+    return ()
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse MLP of Mixtral, Qwen2-MoE and Qwen3-MoE: each token runs its top-k experts."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    #: Intermediate size of one expert.
+    moe_intermediate_size: int
+    #: Renormalize the top-k routing weights to sum to 1 (Mixtral always; Qwen by config).
+    norm_topk_prob: bool
+    #: Qwen2-MoE's always-on shared expert (gated by a sigmoid); 0: none.
+    shared_expert_intermediate_size: int = 0
+    #: Layers that keep a dense MLP (Qwen ``mlp_only_layers`` / ``decoder_sparse_step``).
+    dense_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError("num_experts_per_tok must be in [1, num_experts]")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> MoEConfig | None:
+        num_experts = hf.get("num_local_experts") or hf.get("num_experts")
+        if not num_experts:
+            return None
+        step = hf.get("decoder_sparse_step", 1) or 1
+        only_dense = set(hf.get("mlp_only_layers") or ())
+        dense = tuple(
+            i for i in range(hf["num_hidden_layers"]) if i in only_dense or (i + 1) % step != 0
+        )
+        is_mixtral = hf.get("model_type") == "mixtral"
+        return cls(
+            num_experts=num_experts,
+            num_experts_per_tok=hf["num_experts_per_tok"],
+            moe_intermediate_size=hf["intermediate_size"]
+            if is_mixtral
+            else hf["moe_intermediate_size"],
+            norm_topk_prob=True if is_mixtral else bool(hf.get("norm_topk_prob", False)),
+            shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
+            dense_layers=dense,
+        )
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and vocabulary of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+    """Shape and vocabulary of a decoder: Llama 2/3, Mistral, Qwen2/3, SmolLM2, Phi-3, Gemma 2
+    and the sparse Mixtral, Qwen2-MoE and Qwen3-MoE (``moe``)."""
 
     architecture: str
     vocab_size: int
@@ -52,6 +120,25 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    #: Qwen3: per-head RMSNorm of queries and keys before the rotary embedding.
+    qk_norm: bool = False
+    #: Gated MLP activation: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU).
+    hidden_act: str = "silu"
+    #: Attention score scale; None: head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar ** -0.5).
+    attention_scale: float | None = None
+    #: Gemma 2: scores become cap * tanh(score / cap) before the softmax; None: no cap.
+    attn_logit_softcap: float | None = None
+    #: Gemma 2: logits become cap * tanh(logit / cap).
+    final_logit_softcap: float | None = None
+    #: Per-layer "sliding_attention" / "full_attention" (Gemma 2 alternates); empty: every
+    #: layer uses ``sliding_window``.
+    layer_types: tuple[str, ...] = ()
+    moe: MoEConfig | None = None
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -63,6 +150,10 @@ class ModelConfig:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even for rotary embeddings")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}")
+        if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError("layer_types must name every layer")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
@@ -81,9 +172,15 @@ class ModelConfig:
                 high_freq_factor=float(rope["high_freq_factor"]),
                 original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
             )
-        sliding_window = hf.get("sliding_window")
-        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        sliding_window = hf.get("sliding_window") or None
+        if model_type in _OPT_IN_WINDOW and not hf.get("use_sliding_window", False):
             sliding_window = None
+        if float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+            raise ValueError("partial rotary embeddings are not supported")
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"unsupported activation {act!r}")
+        pre_attn = hf.get("query_pre_attn_scalar") if model_type == "gemma2" else None
         eos = hf.get("eos_token_id")
         config_eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
@@ -99,11 +196,21 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=model_type == "qwen2" or hf.get("attention_bias", False),
+            attention_bias=model_type == "qwen2"
+            or bool(hf.get("qkv_bias", hf.get("attention_bias", False))),
             rope_scaling=scaling,
             sliding_window=sliding_window,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(config_eos + eos_token_ids)),
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            hidden_act=_ACTIVATIONS[act],
+            attention_scale=float(pre_attn) ** -0.5 if pre_attn else None,
+            attn_logit_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
+            final_logit_softcap=hf.get("final_logit_softcapping")
+            if model_type == "gemma2"
+            else None,
+            layer_types=_layer_types(hf) if sliding_window else (),
+            moe=MoEConfig.from_hf(hf),
         )
 
 
@@ -199,6 +306,10 @@ class EngineConfig:
     enforce_eager: bool = False
     #: Ranks (processes, one GPU each on CUDA) the model is sharded over.
     tensor_parallel_size: int = 1
+    #: Ranks an MoE layer's experts are split over (each expert whole on its rank when it
+    #: equals the TP size; sharded over the remaining tensor_parallel_size / EP ranks
+    #: otherwise); dense layers stay tensor-parallel. None: EP = TP.
+    expert_parallel_size: int | None = None
     #: Schedule step N+1 while the device computes step N (greedy rows' tokens stay on the
     #: device until then). None: on for CUDA, off on CPU where the forward pass is synchronous
     #: and overlapping would only delay each token by one step.
@@ -215,6 +326,12 @@ class EngineConfig:
             )
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be at least 1")
+        ep = self.expert_parallel_size
+        if ep is not None and (ep < 1 or self.tensor_parallel_size % ep):
+            raise ValueError(
+                f"expert_parallel_size {ep} must divide tensor_parallel_size "
+                f"{self.tensor_parallel_size}"
+            )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:

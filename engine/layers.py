@@ -182,6 +182,38 @@ class SiluAndMul(nn.Module):
         return ops.silu_and_mul(gate_up)
 
 
+class GeluTanhAndMul(nn.Module):
+    """GeGLU (Gemma): tanh-approximated GELU of the gate times up."""
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return ops.gelu_tanh_and_mul(gate_up)
+
+
+def gated_activation(name: str) -> nn.Module:
+    return GeluTanhAndMul() if name == "gelu_tanh" else SiluAndMul()
+
+
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's norm scales by (1 + weight); the loader stores 1 + weight so the forward is
+    the plain RMSNorm."""
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        _copy_into(param, loaded.float().add(1.0).to(param.dtype))
+
+
+class ReplicatedLinear(nn.Module):
+    """A small projection every rank holds whole (MoE routers, Qwen2-MoE's shared gate)."""
+
+    def __init__(self, input_size: int, output_size: int) -> None:
+        super().__init__()
+        self.weight = _param(output_size, input_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)

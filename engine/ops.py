@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import activation, gemv, rotary
+from kernels import fused_moe as moe
 from kernels import paged_attention as attn
 from kernels import rms_norm as norm
 
@@ -49,6 +50,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return _pick(gate_up, activation, "silu_and_mul")(gate_up)  # type: ignore[no-any-return]
 
 
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return _pick(gate_up, activation, "gelu_tanh_and_mul")(gate_up)  # type: ignore[no-any-return]
+
+
 def rope_and_cache(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,10 +77,11 @@ def paged_attention(
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     fn = _pick(q, attn, "paged_attention")
     return fn(  # type: ignore[no-any-return]
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, sliding_window
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, sliding_window, softcap
     )
 
 
@@ -87,6 +93,19 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     fn = _pick(q, attn, "paged_decode_attention")
-    return fn(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)  # type: ignore[no-any-return]
+    return fn(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap)  # type: ignore[no-any-return]
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    fn = _pick(hidden, moe, "fused_moe")
+    return fn(hidden, w13, w2, topk_weights, topk_ids, activation)  # type: ignore[no-any-return]

@@ -23,6 +23,20 @@ class TPGroup:
     size: int = 1
     #: The torch.distributed group of the ranks; None when size is 1.
     group: Any = None
+    #: Ranks the experts of an MoE layer are split over (expert parallelism); the rest of
+    #: the group's size shards each expert like a dense MLP. None: every rank (EP = TP).
+    expert_parallel_size: int | None = None
+
+    def __post_init__(self) -> None:
+        ep = self.expert_parallel_size
+        if ep is not None and (ep < 1 or self.size % ep):
+            raise ValueError(f"expert-parallel size {ep} must divide the group size {self.size}")
+
+    @property
+    def experts_split(self) -> ExpertSplit:
+        ep = self.expert_parallel_size or self.size
+        expert_tp = self.size // ep
+        return ExpertSplit(self.rank // expert_tp, ep, self.rank % expert_tp, expert_tp)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -35,6 +49,17 @@ class TPGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
+
+
+@dataclass(frozen=True)
+class ExpertSplit:
+    """Where this rank sits for MoE layers: it holds the experts of slice ``ep_rank`` of
+    ``ep_size``, each sharded ``tp_size`` ways (its shard ``tp_rank``)."""
+
+    ep_rank: int
+    ep_size: int
+    tp_rank: int
+    tp_size: int
 
 
 SINGLE = TPGroup()

@@ -90,7 +90,7 @@ class TPLeader:
             process.start()
         init_group(0, self.world, config.device, init_method)
         self.control = control_group()
-        self.group = TPGroup(0, self.world, dist.group.WORLD)
+        self.group = TPGroup(0, self.world, dist.group.WORLD, config.expert_parallel_size)
 
     def _header(self, op: int, fields: list[int]) -> None:
         values = [op, *fields] + [0] * (HEADER_LEN - 1 - len(fields))
@@ -137,7 +137,7 @@ def follower_main(rank: int, world: int, config: EngineConfig, init_method: str)
         load_model_config(source),
         source,
         device=rank_device(config, rank),
-        tp=TPGroup(rank, world, dist.group.WORLD),
+        tp=TPGroup(rank, world, dist.group.WORLD, config.expert_parallel_size),
     )
     device = runner.device
     header = torch.empty(HEADER_LEN, dtype=torch.int64)

@@ -45,6 +45,27 @@ def _window_mask(
     return mask  # (q_len, kv_len)
 
 
+def softcapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention whose scores pass through softcap * tanh(score / softcap) before the softmax
+    (Gemma 2); q (..., heads, M, D), k and v (..., kv_heads, N, D), mask broadcastable to
+    (..., heads, M, N) or None."""
+    group = q.shape[-3] // k.shape[-3]
+    k = k.repeat_interleave(group, dim=-3)
+    v = v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -54,8 +75,10 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """q: (total_q, heads, head_dim) -> (total_q, heads, head_dim), causal within each sequence."""
+    """q: (total_q, heads, head_dim) -> (total_q, heads, head_dim), causal within each sequence;
+    ``softcap`` caps the scores with softcap * tanh(score / softcap) (None: no cap)."""
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
@@ -68,7 +91,10 @@ def paged_attention_ref(
         v = gather_kv(v_cache, block_tables[i], kv_len).transpose(0, 1)
         qi = q[q_start:q_end].transpose(0, 1)  # (heads, q_len, D)
         needs_mask = sliding_window is not None and kv_len > sliding_window
-        if q_len == 1 and not needs_mask:
+        if softcap is not None:
+            mask = _window_mask(q_len, kv_len, sliding_window, q.device)
+            o = softcapped_attention(qi, k, v, mask, scale, softcap)
+        elif q_len == 1 and not needs_mask:
             o = F.scaled_dot_product_attention(qi, k, v, scale=scale, enable_gqa=True)
         elif q_len == kv_len and not needs_mask:
             o = F.scaled_dot_product_attention(
@@ -91,6 +117,7 @@ def paged_decode_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Batched single-token decode: q (num_seqs, heads, head_dim) -> same shape."""
     max_blocks = block_tables.shape[1]
@@ -102,6 +129,12 @@ def paged_decode_attention_ref(
     mask = k_pos < lens
     if sliding_window is not None:
         mask &= k_pos >= lens - sliding_window
+    if softcap is not None:
+        o = softcapped_attention(
+            q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask[:, None, None, :],
+            scale, softcap,
+        )  # fmt: skip
+        return o.squeeze(2)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # (num_seqs, heads, 1, D)
         k.transpose(1, 2),
@@ -198,6 +231,13 @@ def _online_softmax_step(
 
 
 @triton.jit
+def _cap_scores(scores: tl.tensor, cap_scale: tl.tensor, softcap: tl.tensor) -> tl.tensor:
+    """softcap * tanh(scale * score / softcap), tanh written with the sigmoid (exact at both
+    ends: large |x| saturate to +-1 instead of overflowing)."""
+    return softcap * (2.0 * tl.sigmoid(2.0 * scores * cap_scale) - 1.0)
+
+
+@triton.jit
 def _find_seq(
     cu_seqlens_q_ptr: tl.tensor, num_seqs: tl.tensor, q_tile: tl.tensor, BLOCK_M: tl.constexpr
 ) -> tl.tensor:
@@ -229,6 +269,8 @@ def _prefill_kv_range(
     q_pos: tl.tensor,
     window: tl.tensor,
     qk_scale: tl.tensor,
+    cap_scale: tl.tensor,
+    softcap: tl.tensor,
     stride_block: tl.tensor,
     stride_slot: tl.tensor,
     PAGE: tl.constexpr,
@@ -236,6 +278,7 @@ def _prefill_kv_range(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """Attends the query tile to KV positions [lo, hi). MASKED=False is the fast path for
@@ -248,6 +291,8 @@ def _prefill_kv_range(
         k = _load_kv_tile(k_ptr, rows, valid, HEAD_DIM, MASKED)  # (BLOCK_N, HEAD_DIM)
         v = _load_kv_tile(v_ptr, rows, valid, HEAD_DIM, MASKED)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (M, N)
+        if SOFTCAP:  # before masking: tanh would turn -inf into -softcap
+            scores = _cap_scores(scores, cap_scale, softcap)
         if MASKED:
             visible = valid[None, :] & (kv_pos[None, :] <= q_pos[:, None])
             if SLIDING:
@@ -268,6 +313,8 @@ def _prefill_kernel(
     seq_lens_ptr: tl.tensor,
     num_seqs: tl.tensor,
     qk_scale: tl.tensor,
+    cap_scale: tl.tensor,
+    softcap: tl.tensor,
     window: tl.tensor,
     stride_q_t: tl.tensor,
     stride_q_h: tl.tensor,
@@ -283,6 +330,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ) -> None:
     """Grid (num_heads, total_q // BLOCK_M + num_seqs): one BLOCK_M tile of one query head.
@@ -325,20 +373,20 @@ def _prefill_kernel(
         full_lo = tl.minimum(tl.maximum(full_lo, lo), full_hi)
         acc, m_i, l_i = _prefill_kv_range(
             acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, lo, full_lo, q_pos, window,
-            qk_scale, stride_block, stride_slot, PAGE, HEAD_DIM, BLOCK_N,
-            MASKED=True, SLIDING=SLIDING, DOT_PRECISION=DOT_PRECISION,
+            qk_scale, cap_scale, softcap, stride_block, stride_slot, PAGE, HEAD_DIM, BLOCK_N,
+            MASKED=True, SLIDING=SLIDING, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION,
         )  # fmt: skip
     else:
         full_lo = 0
     acc, m_i, l_i = _prefill_kv_range(
         acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, full_lo, full_hi, q_pos, window,
-        qk_scale, stride_block, stride_slot, PAGE, HEAD_DIM, BLOCK_N,
-        MASKED=False, SLIDING=SLIDING, DOT_PRECISION=DOT_PRECISION,
+        qk_scale, cap_scale, softcap, stride_block, stride_slot, PAGE, HEAD_DIM, BLOCK_N,
+        MASKED=False, SLIDING=SLIDING, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION,
     )  # fmt: skip
     acc, m_i, l_i = _prefill_kv_range(
         acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, full_hi, hi, q_pos, window,
-        qk_scale, stride_block, stride_slot, PAGE, HEAD_DIM, BLOCK_N,
-        MASKED=True, SLIDING=SLIDING, DOT_PRECISION=DOT_PRECISION,
+        qk_scale, cap_scale, softcap, stride_block, stride_slot, PAGE, HEAD_DIM, BLOCK_N,
+        MASKED=True, SLIDING=SLIDING, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION,
     )  # fmt: skip
 
     # Every valid row sees at least its own key (l_i > 0); padding rows may see none.
@@ -363,6 +411,8 @@ def _decode_kernel(
     seq_lens_ptr: tl.tensor,
     num_heads: tl.tensor,
     qk_scale: tl.tensor,
+    cap_scale: tl.tensor,
+    softcap: tl.tensor,
     window: tl.tensor,
     stride_q_s: tl.tensor,
     stride_q_h: tl.tensor,
@@ -379,6 +429,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ) -> None:
     """Grid (num_seqs, num_kv_heads, NUM_SPLITS). A program reads its KV head's pages once for
@@ -419,6 +470,8 @@ def _decode_kernel(
         k = _load_kv_tile(k_ptr, rows, valid, HEAD_DIM, MASKED=True)  # (BLOCK_N, HEAD_DIM)
         v = _load_kv_tile(v_ptr, rows, valid, HEAD_DIM, MASKED=True)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (GROUP_PAD, BLOCK_N)
+        if SOFTCAP:
+            scores = _cap_scores(scores, cap_scale, softcap)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(scores, qk_scale, v, acc, m_i, l_i, DOT_PRECISION)
 
@@ -554,6 +607,16 @@ def _window_arg(sliding_window: int | None) -> int:
     return sliding_window if sliding_window is not None else 0
 
 
+def _score_args(scale: float, softcap: float | None) -> tuple[float, float, float]:
+    """(qk_scale, cap_scale, softcap) kernel arguments. Uncapped, the scale folds into the
+    exponent; capped, the kernel scales inside the tanh and the exponent only converts to
+    log2 units."""
+    if softcap is None:
+        return scale * _LOG2E, 0.0, 0.0
+    require(softcap > 0, "softcap must be positive, got {}", softcap)
+    return _LOG2E, scale / softcap, softcap
+
+
 def _prefill_config(head_dim: int, page_size: int) -> AttentionConfig:
     # 64 x 64 tiles, one warpgroup, 2 stages measured best on H100 at head_dim 128 among 36
     # configs; the KV tile spans whole pages.
@@ -571,6 +634,7 @@ def launch_paged_attention(
     scale: float,
     sliding_window: int | None,
     config: AttentionConfig,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``paged_attention`` with explicit launch parameters."""
     _check_cache_and_tables(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
@@ -600,7 +664,7 @@ def launch_paged_attention(
         cu_seqlens_q,
         seq_lens,
         num_seqs,
-        scale * _LOG2E,
+        *_score_args(scale, softcap),
         _window_arg(sliding_window),
         *q.stride()[:2],
         *out.stride()[:2],
@@ -612,6 +676,7 @@ def launch_paged_attention(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         SLIDING=sliding_window is not None,
+        SOFTCAP=softcap is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -628,6 +693,7 @@ def paged_attention(
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton ``paged_attention_ref``: causal attention of variable-length query chunks over
     the paged cache, all sequences in one launch, no host synchronization. q may be a strided
@@ -635,8 +701,9 @@ def paged_attention(
     (q_len <= seq_len <= pages * block_size); that is the caller's bookkeeping."""
     config = _prefill_config(q.shape[-1], k_cache.shape[1])
     return launch_paged_attention(
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, sliding_window, config
-    )
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, sliding_window, config,
+        softcap,
+    )  # fmt: skip
 
 
 def decode_num_splits(
@@ -676,6 +743,7 @@ def launch_paged_decode_attention(
     scale: float,
     sliding_window: int | None,
     config: AttentionConfig,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``paged_decode_attention`` with explicit launch parameters; config.num_splits = None
     picks the split count with ``decode_num_splits``."""
@@ -720,7 +788,7 @@ def launch_paged_decode_attention(
         block_tables,
         seq_lens,
         num_heads,
-        scale * _LOG2E,
+        *_score_args(scale, softcap),
         _window_arg(sliding_window),
         *q.stride()[:2],
         *out.stride()[:2],
@@ -733,6 +801,7 @@ def launch_paged_decode_attention(
         BLOCK_N=config.block_n,
         NUM_SPLITS=num_splits,
         SLIDING=sliding_window is not None,
+        SOFTCAP=softcap is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -760,11 +829,12 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton ``paged_decode_attention_ref``: one query token per sequence, GQA-aware, with a
     split-K (flash-decoding) path when the batch alone cannot fill the GPU. A sequence with
     seq_len == 0 (batch padding) gets zeros. No host synchronization."""
     config = _decode_config(q.shape[-1], k_cache.shape[1])
     return launch_paged_decode_attention(
-        q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, config
+        q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, config, softcap
     )

@@ -13,7 +13,7 @@ from engine.config import CacheConfig, EngineConfig
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from tests.test_tiny_models import random_prompts
-from tests.tiny_models import save_tiny_model
+from tests.tiny_models import NEW_FAMILIES, save_tiny_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["llama3", "qwen2", "mistral_window"])
+@pytest.mark.parametrize("kind", ["llama3", "qwen2", "mistral_window", *NEW_FAMILIES])
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_bf16_greedy_agrees_with_hf_on_gpu(kind: str, enforce_eager: bool, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM

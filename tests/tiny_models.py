@@ -1,4 +1,5 @@
-"""Tiny random Llama-family checkpoints written by transformers itself (``save_pretrained``)."""
+"""Tiny random checkpoints of every supported family, written by transformers itself
+(``save_pretrained``)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,16 @@ TINY_COMMON: dict[str, Any] = dict(
 )
 
 
+#: Families beyond the Llama ones, each with the feature that sets it apart switched on.
+NEW_FAMILIES = ("qwen3", "phi3", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
 def tiny_config(kind: str) -> Any:
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if kind in NEW_FAMILIES:
+        return _new_family_config(kind)
 
     if kind == "llama3":
         return LlamaConfig(
@@ -48,17 +57,54 @@ def tiny_config(kind: str) -> Any:
     raise ValueError(kind)
 
 
+def _new_family_config(kind: str) -> Any:
+    import transformers as hf
+
+    moe = dict(num_experts_per_tok=2, moe_intermediate_size=48)
+    if kind == "qwen3":
+        return hf.Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False)
+    if kind == "phi3":
+        return hf.Phi3Config(**TINY_COMMON, pad_token_id=None, tie_word_embeddings=False)
+    if kind == "gemma2":
+        return hf.Gemma2Config(
+            **{**TINY_COMMON, "num_hidden_layers": 4},
+            head_dim=16,
+            pad_token_id=None,
+            query_pre_attn_scalar=32,  # not head_dim, so the scale is checked
+            sliding_window=24,  # sliding on layers 0 and 2, full on 1 and 3
+            # Caps low enough that random scores and logits reach them.
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+        )
+    if kind == "mixtral":
+        return hf.MixtralConfig(**TINY_COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if kind == "qwen2_moe":
+        return hf.Qwen2MoeConfig(
+            **TINY_COMMON,
+            num_experts=4,
+            shared_expert_intermediate_size=64,
+            mlp_only_layers=[1],  # one dense layer between sparse ones
+            norm_topk_prob=False,
+            **moe,
+        )
+    return hf.Qwen3MoeConfig(**TINY_COMMON, num_experts=4, norm_topk_prob=True, **moe)
+
+
 def save_tiny_model(kind: str, directory: Path, max_shard_size: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1234)
     config = tiny_config(kind)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "eager" if kind == "gemma2" else "sdpa"  # no SDPA for softcaps
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if kind == "qwen2":  # HF initializes biases to zero; make the QKV bias path matter
+    if kind in ("qwen2", "qwen2_moe"):  # HF zeroes biases; make the QKV bias path matter
         for name, param in model.named_parameters():
             if name.endswith("proj.bias"):
                 param.data.normal_(0, 0.5)
+    if kind in ("qwen3", "qwen3_moe", "gemma2"):  # norms start at 1 (or 0 for Gemma)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.data.normal_(float(kind != "gemma2"), 0.3)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(directory), safe_serialization=True, **kwargs)
     save_tiny_tokenizer(directory)

@@ -1,4 +1,4 @@
-"""Triton silu_and_mul against its torch reference."""
+"""Triton silu_and_mul and gelu_tanh_and_mul against their torch references."""
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -6,7 +6,12 @@ from contextlib import AbstractContextManager
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref
+from kernels.activation import (
+    gelu_tanh_and_mul,
+    gelu_tanh_and_mul_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
+)
 
 Poisoned = Callable[[], AbstractContextManager[None]]
 
@@ -27,6 +32,23 @@ def test_silu_and_mul_matches_reference(
         out = silu_and_mul(gate_up)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out, silu_and_mul_ref(gate_up), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(("num_tokens", "intermediate"), [(1, 64), (5, 1000)])
+def test_gelu_tanh_and_mul_matches_reference(
+    num_tokens: int,
+    intermediate: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    poisoned: Poisoned,
+) -> None:
+    gate_up = torch.randn(num_tokens, 2 * intermediate, dtype=dtype, device=device) * 4
+    with poisoned():
+        out = gelu_tanh_and_mul(gate_up)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, gelu_tanh_and_mul_ref(gate_up), atol=tol, rtol=tol)
+    # Not the SiLU gate by accident.
+    assert (out - silu_and_mul_ref(gate_up)).abs().max() > 0.1
 
 
 def test_silu_and_mul_row_strided_input(device: torch.device) -> None:
