@@ -33,8 +33,12 @@ def main() -> None:
                 device="cuda",
                 load_format="dummy",
                 max_model_len=4608,
-                cache=CacheConfig(num_blocks=4096, enable_prefix_caching=False),
-                scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=8192),
+                cache=CacheConfig(
+                    num_blocks=max(4096, 24 * max(args.batches)), enable_prefix_caching=False
+                ),
+                scheduler=SchedulerConfig(
+                    max_num_seqs=max(128, *args.batches), max_num_batched_tokens=8192
+                ),
             )
         )
     for batch in args.batches:

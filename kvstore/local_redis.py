@@ -6,14 +6,18 @@ benchmarks, and tests (which talk to a real Redis, never a mock).
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from typing import IO, NoReturn
 
 _NUM_START_ATTEMPTS = 3
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def start_redis(
@@ -58,8 +62,16 @@ def _launch(executable: str, log: IO[bytes], port: int) -> tuple[subprocess.Pope
         stderr=subprocess.STDOUT,
         cwd=tempfile.gettempdir(),
         start_new_session=True,  # a terminal's Ctrl-C is for our launcher, which stops it last
+        preexec_fn=_die_with_parent,
     )  # fmt: skip
     return proc, port
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM when the process that started the server dies, however it dies (its
+    own session keeps it out of a terminal's Ctrl-C, so nothing else would stop it)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _missing_redis() -> NoReturn:

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One H200 device call: set up the carried wheels and redis-server, then run "$@" (a step name).
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+for f in .deb/*.deb; do dpkg -x "$f" /tmp/redis; done
+export PATH=/tmp/redis/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/redis/usr/lib/x86_64-linux-gnu PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+case "$1" in
+  serve8b)
+    python -m bench.serve_gpu --shape 8b --batches 64 256 512 --layouts ${LAYOUTS:-a_up_colocated c_serve_processes b_up_shared_gpu} \
+      --work-dir "$OUT/serve8b" --out "$OUT/serve_h200_8b.json" 2>&1 | grep -v "^WARNING" | tail -60 ;;
+  serve135m)
+    python -m bench.serve_gpu --shape 135m --batches 512 --layouts a_up_colocated c_serve_processes \
+      --work-dir "$OUT/serve135m" --out "$OUT/serve_h200_135m.json" 2>&1 | grep -v "^WARNING" | tail -30 ;;
+  profile)
+    python -m bench.profile_decode --batches 256 512 --steps 20 2>&1 | tail -80 > "$OUT/profile.txt"; head -c 20000 "$OUT/profile.txt" ;;
+esac
