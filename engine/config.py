@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+#: Linear-weight quantizations (``engine.quantization``).
+QUANTIZATIONS = ("int8", "fp8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,6 +54,8 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    #: The checkpoint's linear weights are already quantized this way (fp8 with scales), or None.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -104,7 +108,30 @@ class ModelConfig:
             sliding_window=sliding_window,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(config_eos + eos_token_ids)),
+            quantization=checkpoint_quantization(hf.get("quantization_config")),
         )
+
+
+def checkpoint_quantization(spec: dict[str, Any] | None) -> str | None:
+    """ "fp8" for an fp8 checkpoint with per-tensor or per-channel weight scales (the ``fp8``
+    kind, or compressed-tensors' float 8-bit weights); None for none. Anything else (block
+    scales, integer or 4-bit schemes) is refused rather than read as float weights."""
+    if not spec:
+        return None
+    method = spec.get("quant_method")
+    if method == "fp8" and not spec.get("weight_block_size"):
+        return "fp8"
+    if method == "compressed-tensors":
+        groups = list((spec.get("config_groups") or {}).values())
+        weights = [g.get("weights") or {} for g in groups]
+        if weights and all(
+            w.get("type") == "float"
+            and w.get("num_bits") == 8
+            and w.get("strategy") in ("tensor", "channel")
+            for w in weights
+        ):
+            return "fp8"
+    raise ValueError(f"unsupported checkpoint quantization_config: {spec}")
 
 
 @dataclass(frozen=True)
@@ -195,6 +222,9 @@ class EngineConfig:
     seed: int = 0
     #: "auto" reads the checkpoint; "dummy" leaves random weights (benchmarks, shapes only).
     load_format: str = "auto"
+    #: Linear weights quantized at load: "int8" (weight-only, W8A16) or "fp8" (e4m3, W8A8 with
+    #: per-token activation scales); None keeps them in ``dtype`` (or as the checkpoint has them).
+    quantization: str | None = None
     #: Run decode steps eagerly instead of replaying CUDA graphs (CUDA only).
     enforce_eager: bool = False
     #: Ranks (processes, one GPU each on CUDA) the model is sharded over.
@@ -219,6 +249,10 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError("max_model_len must be positive")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
