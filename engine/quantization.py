@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from engine import ops
+from engine.config import QUANTIZATIONS
 from kernels.quant import FP8_DTYPE, quantize_fp8_rows, quantize_int8_rows
 
-QUANTIZATION_METHODS = ("int8", "fp8")
+if TYPE_CHECKING:
+    from engine.layers import LinearBase
+
 #: Rows quantized at a time when dummy weights are drawn (bounds the float32 scratch).
 DUMMY_ROWS = 4096
 
@@ -40,19 +44,19 @@ class LinearMethod:
 
     name = "none"
 
-    def create_weights(self, layer: nn.Module, rows: int, cols: int) -> None:
+    def create_weights(self, layer: LinearBase, rows: int, cols: int) -> None:
         layer.weight = nn.Parameter(torch.empty(rows, cols), requires_grad=False)
 
     def load(
-        self, layer: nn.Module, param: torch.Tensor, offset: int, loaded: torch.Tensor
+        self, layer: LinearBase, param: torch.Tensor, offset: int, loaded: torch.Tensor
     ) -> None:
         """Places this rank's rows of a checkpoint tensor (weight, bias or scale) at ``offset``."""
         copy_rows(param, offset, loaded)
 
-    def fill_dummy(self, layer: nn.Module) -> None:
+    def fill_dummy(self, layer: LinearBase) -> None:
         layer.weight.data.normal_(0, 0.02)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return ops.linear(x, layer.weight, bias)
 
 
@@ -64,14 +68,14 @@ class QuantizedLinearMethod(LinearMethod):
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def create_weights(self, layer: nn.Module, rows: int, cols: int) -> None:
+    def create_weights(self, layer: LinearBase, rows: int, cols: int) -> None:
         layer.weight = nn.Parameter(torch.empty(rows, cols, dtype=self.dtype), requires_grad=False)
         layer.weight_scale = nn.Parameter(
             torch.ones(rows, dtype=torch.float32), requires_grad=False
         )
 
     def load(
-        self, layer: nn.Module, param: torch.Tensor, offset: int, loaded: torch.Tensor
+        self, layer: LinearBase, param: torch.Tensor, offset: int, loaded: torch.Tensor
     ) -> None:
         if param is not layer.weight or loaded.dtype == self.dtype:
             # biases; scales and weights of a checkpoint quantized the same way
@@ -86,7 +90,7 @@ class QuantizedLinearMethod(LinearMethod):
         copy_rows(layer.weight, offset, q)
         copy_rows(layer.weight_scale, offset, scale)
 
-    def fill_dummy(self, layer: nn.Module) -> None:
+    def fill_dummy(self, layer: LinearBase) -> None:
         rows, cols = layer.weight.shape
         for start in range(0, rows, DUMMY_ROWS):
             count = min(DUMMY_ROWS, rows - start)
@@ -105,7 +109,7 @@ class Int8WeightOnly(QuantizedLinearMethod):
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_int8_rows(w)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return ops.int8_linear(x, layer.weight, layer.weight_scale, bias)
 
 
@@ -118,7 +122,7 @@ class Fp8W8A8(QuantizedLinearMethod):
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_fp8_rows(w)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return ops.fp8_linear(x, layer.weight, layer.weight_scale, bias)
 
 
@@ -134,7 +138,7 @@ _current = UNQUANTIZED
 def method_for(quantization: str | None) -> LinearMethod:
     if quantization not in _METHODS:
         raise ValueError(
-            f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {quantization!r}"
+            f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}"
         )
     return _METHODS[quantization]
 
