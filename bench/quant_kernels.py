@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.kernels import TARGET_PREFILL_PEAK, Case, Shapes, _nbytes
+from kernels.gguf_linear import GGUFPlanes, dequantize_ref, gguf_linear
 from kernels.quant import per_token_fp8, per_token_fp8_ref, quantize_fp8_rows, quantize_int8_rows
 from kernels.quant_gemm import fp8_scaled_mm, quant_gemm
 from kernels.quant_gemv import quant_gemv
@@ -66,8 +67,50 @@ def _linear_cases(
     return cases
 
 
-def quant_cases(s: Shapes, device: torch.device) -> list[Case]:
+def _random_planes(kind: str, num_out: int, width: int, device: torch.device) -> GGUFPlanes:
+    """Random block-format weights (any bits are valid blocks); small scales keep y finite."""
+    blocks = width // 32
+    d = (torch.rand(num_out, blocks, device=device) * 1e-3).half()
+    if kind == "Q8_0":
+        quants = torch.randint(-127, 128, (num_out, width), dtype=torch.int8, device=device)
+        return GGUFPlanes(kind, quants, d, None)
+    quants = torch.randint(0, 256, (num_out, width // 2), dtype=torch.uint8, device=device)
+    m = (-8 * d.float()).half() if kind == "Q4_1" else None
+    return GGUFPlanes(kind, quants, d, m)
+
+
+def gguf_cases(s: Shapes, device: torch.device) -> list[Case]:
+    """GGUF blocks dequantized in the GEMM tile (batch 1 and prefill), cuBLAS bf16 on the
+    dequantized weight as the peer."""
     cases = []
+    for kind in ("Q4_1", "Q8_0"):
+        for name, (num_out, width) in _projections(s).items():
+            planes = _random_planes(kind, num_out, width, device)
+            dense = dequantize_ref(planes).to(s.dtype)
+            plane_bytes = sum(_nbytes(t) for t in (planes.quants, planes.d) if t is not None)
+            for rows in (1, s.prefill_tokens):
+                x = torch.randn(rows, width, dtype=s.dtype, device=device)
+                is_prefill = rows > 1
+                work = (
+                    {"flops": 2.0 * rows * num_out * width}
+                    if is_prefill
+                    else {"bytes_moved": plane_bytes + _nbytes(x)}
+                )
+                cases.append(
+                    Case(
+                        f"gguf_{kind.lower()}",
+                        f"{name} {num_out}x{width} M={rows}",
+                        partial(gguf_linear, x, planes, None),
+                        partial(F.linear, x, dense),
+                        target=TARGET_PREFILL_PEAK if is_prefill else TARGET_GEMV_HBM,
+                        **work,
+                    )
+                )
+    return cases
+
+
+def quant_cases(s: Shapes, device: torch.device) -> list[Case]:
+    cases = gguf_cases(s, device)
     for kind in ("int8", "fp8"):
         for name, (num_out, width) in _projections(s).items():
             cases.extend(_linear_cases(kind, name, num_out, width, s, device))
