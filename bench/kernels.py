@@ -40,6 +40,7 @@ class Limits:
     hbm_read_gbps: float  # streaming read + reduce of a large buffer
     hbm_copy_gbps: float  # device-to-device copy, bytes read + written
     bf16_tflops: float  # torch.matmul of two 8192 x 8192 bf16 matrices
+    fp8_tflops: float = 0.0  # torch._scaled_mm of two 8192 x 8192 e4m3 matrices (row scales)
 
     @property
     def hbm_gbps(self) -> float:
@@ -58,6 +59,8 @@ class Case:
     bytes_moved: float = 0.0  # for bandwidth-bound kernels
     flops: float = 0.0  # for compute-bound kernels
     target: float = TARGET_ELEMENTWISE_HBM
+    #: Tensor-core limit of a compute-bound case: "bf16" or "fp8".
+    compute: str = "bf16"
 
 
 @dataclass(frozen=True)
@@ -132,9 +135,23 @@ def _gemm_tflops(n: int, dtype: torch.dtype, device: torch.device, warmup: int, 
     return 2 * n**3 / time_ms(lambda: a @ b, device, warmup, rep) / 1e9
 
 
+def _fp8_tflops(n: int, device: torch.device, warmup: int, rep: int) -> float:
+    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    scale_a = torch.ones(n, 1, device=device)
+    scale_b = torch.ones(1, n, device=device)
+    out = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def run() -> torch.Tensor:
+        return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out)
+
+    return 2 * n**3 / time_ms(run, device, warmup, rep) / 1e9
+
+
 def measure_limits(device: torch.device, dry_run: bool, warmup: int, rep: int) -> Limits:
     elems = (1 << 18) if dry_run else (1 << 30)  # 4 GiB of float32 on the GPU, far beyond L2
     return Limits(
+        fp8_tflops=_fp8_tflops(256 if dry_run else 8192, device, warmup, rep),
         hbm_read_gbps=_read_gbps(elems, device, warmup, rep),
         hbm_copy_gbps=_copy_gbps(elems, device, warmup, rep),
         bf16_tflops=(
@@ -425,6 +442,12 @@ def moe_cases(s: Shapes, device: torch.device) -> list[Case]:
             )
         )
     return cases
+def quant_cases(s: Shapes, device: torch.device) -> list[Case]:
+    """int8 / fp8 GEMV and GEMM against their limits, cuBLAS bf16 as the peer
+    (bench/quant_kernels.py)."""
+    from bench.quant_kernels import quant_cases as build
+
+    return build(s, device)  # type: ignore[no-any-return]
 
 
 CASE_BUILDERS: dict[str, Callable[[Shapes, torch.device], list[Case]]] = {
@@ -435,6 +458,7 @@ CASE_BUILDERS: dict[str, Callable[[Shapes, torch.device], list[Case]]] = {
     "decode": decode_cases,
     "prefill": prefill_cases,
     "moe": moe_cases,
+    "quant": quant_cases,
 }
 
 
@@ -461,7 +485,8 @@ def run_case(case: Case, limits: Limits, device: torch.device, warmup: int, rep:
     )
     torch_ms = time_ms(case.run_torch, device, warmup, rep)
     if case.flops:
-        achieved, unit, limit = case.flops / triton_ms / 1e9, "TFLOP/s", limits.bf16_tflops
+        peak = limits.fp8_tflops if case.compute == "fp8" else limits.bf16_tflops
+        achieved, unit, limit = case.flops / triton_ms / 1e9, "TFLOP/s", peak
     else:
         achieved, unit, limit = case.bytes_moved / triton_ms / 1e6, "GB/s", limits.hbm_gbps
     fraction = achieved / limit
@@ -496,7 +521,8 @@ def _copy_column(result: Result) -> str:
 def format_table(results: list[Result], limits: Limits) -> str:
     lines = [
         f"HBM read {limits.hbm_read_gbps:,.0f} GB/s | HBM copy {limits.hbm_copy_gbps:,.0f} GB/s"
-        f" | bf16 GEMM {limits.bf16_tflops:,.1f} TFLOP/s",
+        f" | bf16 GEMM {limits.bf16_tflops:,.1f} TFLOP/s"
+        f" | fp8 GEMM {limits.fp8_tflops:,.1f} TFLOP/s",
         "",
         f"{'kernel':<24}{'shape':<52}{'graph ms':>10}{'eager ms':>10}{'torch ms':>10}"
         f"{'speedup':>9}"

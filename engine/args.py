@@ -20,6 +20,7 @@ ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
     "gpu_memory_utilization": (float, "share of the GPU this worker may use (default 0.9)"),
     "num_kv_blocks": (int, "KV cache blocks (default: sized from the memory share)"),
     "load_format": (str, "auto (read the checkpoint) or dummy (random weights, shapes only)"),
+    "quantization": (str, "int8 (weight-only) or fp8 (W8A8) linear weights, quantized at load"),
 }
 GPU_MAX_NUM_SEQS = 256
 CPU_MAX_NUM_SEQS = 64
@@ -95,6 +96,7 @@ def engine_config_from(
         tensor_parallel_size=getattr(args, "tp", None),
         expert_parallel_size=_int_or_none(_setting(args, "ep", environ)),
         load_format=_setting(args, "load_format", environ),
+        quantization=_setting(args, "quantization", environ),
         enforce_eager=eager,
         scheduler=SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=tokens),
         cache=CacheConfig(**{k: v for k, v in cache.items() if v is not None}),

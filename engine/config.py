@@ -25,6 +25,8 @@ SUPPORTED_ARCHITECTURES = (
 _OPT_IN_WINDOW = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 #: HF activation names -> the gated activation of the MLP.
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+#: Linear-weight quantizations (``engine.quantization``).
+QUANTIZATIONS = ("int8", "fp8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -134,6 +136,8 @@ class ModelConfig:
     #: layer uses ``sliding_window``.
     layer_types: tuple[str, ...] = ()
     moe: MoEConfig | None = None
+    #: The checkpoint's linear weights are already quantized this way (fp8 with scales), or None.
+    quantization: str | None = None
 
     def layer_sliding_window(self, layer: int) -> int | None:
         if self.layer_types and self.layer_types[layer] != "sliding_attention":
@@ -211,7 +215,30 @@ class ModelConfig:
             else None,
             layer_types=_layer_types(hf) if sliding_window else (),
             moe=MoEConfig.from_hf(hf),
+            quantization=checkpoint_quantization(hf.get("quantization_config")),
         )
+
+
+def checkpoint_quantization(spec: dict[str, Any] | None) -> str | None:
+    """ "fp8" for an fp8 checkpoint with per-tensor or per-channel weight scales (the ``fp8``
+    kind, or compressed-tensors' float 8-bit weights); None for none. Anything else (block
+    scales, integer or 4-bit schemes) is refused rather than read as float weights."""
+    if not spec:
+        return None
+    method = spec.get("quant_method")
+    if method == "fp8" and not spec.get("weight_block_size"):
+        return "fp8"
+    if method == "compressed-tensors":
+        groups = list((spec.get("config_groups") or {}).values())
+        weights = [g.get("weights") or {} for g in groups]
+        if weights and all(
+            w.get("type") == "float"
+            and w.get("num_bits") == 8
+            and w.get("strategy") in ("tensor", "channel")
+            for w in weights
+        ):
+            return "fp8"
+    raise ValueError(f"unsupported checkpoint quantization_config: {spec}")
 
 
 @dataclass(frozen=True)
@@ -302,6 +329,9 @@ class EngineConfig:
     seed: int = 0
     #: "auto" reads the checkpoint; "dummy" leaves random weights (benchmarks, shapes only).
     load_format: str = "auto"
+    #: Linear weights quantized at load: "int8" (weight-only, W8A16) or "fp8" (e4m3, W8A8 with
+    #: per-token activation scales); None keeps them in ``dtype`` (or as the checkpoint has them).
+    quantization: str | None = None
     #: Run decode steps eagerly instead of replaying CUDA graphs (CUDA only).
     enforce_eager: bool = False
     #: Ranks (processes, one GPU each on CUDA) the model is sharded over.
@@ -336,6 +366,10 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError("max_model_len must be positive")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

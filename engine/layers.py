@@ -13,6 +13,7 @@ from torch import nn
 from engine import ops
 from engine.config import RopeScaling
 from engine.parallel import current_group, divide
+from engine.quantization import copy_rows, current_linear_method
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -29,30 +30,58 @@ def _copy_into(param: torch.Tensor, loaded: torch.Tensor) -> None:
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
     """Replicated parameters (norms) take the whole checkpoint tensor."""
-    _copy_into(param, loaded)
+    copy_rows(param, 0, loaded)
 
 
-class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W split by output rows; each rank returns its slice of y."""
+class LinearBase(nn.Module):
+    """A linear layer's weight as its method stores it (``engine.quantization``): the model's
+    dtype, or one-byte values with per-row ``weight_scale``."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    weight: nn.Parameter
+    weight_scale: nn.Parameter
+
+    def __init__(self, rows: int, cols: int, bias_rows: int | None) -> None:
         super().__init__()
         self.tp = current_group()
         self.rank, self.world = self.tp.rank, self.tp.size
-        self.weight = _param(divide(output_size, self.world), input_size)
-        self.bias = _param(divide(output_size, self.world)) if bias else None
+        self.method = current_linear_method()
+        self.method.create_weights(self, rows, cols)
+        self.bias = _param(bias_rows) if bias_rows else None
 
-    def shard_rows(self, loaded: torch.Tensor, num_rows: int, shard: int) -> torch.Tensor:
-        return loaded.narrow(0, shard * num_rows, num_rows)
+    def is_scale(self, param: torch.Tensor) -> bool:
+        return param is getattr(self, "weight_scale", None)
+
+    def rows_of(
+        self, param: torch.Tensor, loaded: torch.Tensor, rows: int, shard: int
+    ) -> torch.Tensor:
+        """Shard ``shard`` of ``rows`` rows; a per-tensor scale (one value) covers them all."""
+        if self.is_scale(param):
+            loaded = loaded.reshape(-1).float()
+            if loaded.numel() == 1:
+                return loaded.expand(rows)
+        return loaded.narrow(0, shard * rows, rows)
+
+    def place(self, param: torch.Tensor, offset: int, loaded: torch.Tensor) -> None:
+        self.method.load(self, param, offset, loaded)
+
+    def fill_dummy(self) -> None:
+        self.method.fill_dummy(self)
+
+
+class ColumnParallelLinear(LinearBase):
+    """y = x W^T + b with W split by output rows; each rank returns its slice of y."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        rows = divide(output_size, current_group().size)
+        super().__init__(rows, input_size, rows if bias else None)
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
     ) -> None:
-        rows = param.shape[0]
-        _copy_into(param, self.shard_rows(loaded, rows, self.rank))
+        self.place(param, 0, self.rows_of(param, loaded, param.shape[0], self.rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -67,7 +96,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     ) -> None:
         rows = divide(self.output_sizes[shard_id], self.world)
         offset = sum(divide(size, self.world) for size in self.output_sizes[:shard_id])
-        _copy_into(param.data.narrow(0, offset, rows), self.shard_rows(loaded, rows, self.rank))
+        self.place(param, offset, self.rows_of(param, loaded, rows, self.rank))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -95,7 +124,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = q_rows if shard_id == "k" else q_rows + kv_rows
             rows, shard = kv_rows, self.rank // self.kv_replicas
-        _copy_into(param.data.narrow(0, offset, rows), self.shard_rows(loaded, rows, shard))
+        self.place(param, offset, self.rows_of(param, loaded, rows, shard))
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q_size = self.num_heads * self.head_dim
@@ -103,15 +132,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         return qkv.split([q_size, kv_size, kv_size], dim=-1)  # type: ignore[return-value]
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """y = x W^T + b with W split by input columns; partial sums meet in one all-reduce."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__()
-        self.tp = current_group()
-        self.rank, self.world = self.tp.rank, self.tp.size
-        self.weight = _param(output_size, divide(input_size, self.world))
-        self.bias = _param(output_size) if bias else None
+        cols = divide(input_size, current_group().size)
+        super().__init__(output_size, cols, output_size if bias else None)
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
@@ -119,10 +145,12 @@ class RowParallelLinear(nn.Module):
         if param.dim() == 2:
             cols = param.shape[1]
             loaded = loaded.narrow(1, self.rank * cols, cols)
-        _copy_into(param, loaded)
+        elif self.is_scale(param):  # every rank scales the whole output rows
+            loaded = self.rows_of(param, loaded, param.shape[0], 0)
+        self.place(param, 0, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(ops.linear(x, self.weight, None))
+        y = self.tp.all_reduce(self.method.apply(self, x, None))
         return y if self.bias is None else y + self.bias
 
 

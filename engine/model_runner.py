@@ -13,9 +13,11 @@ import torch.distributed as dist
 from engine.attention import AttentionMetadata, PagedAttention
 from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
+from engine.layers import LinearBase
 from engine.model_source import ModelSource
 from engine.models import MODEL_REGISTRY, LlamaForCausalLM
 from engine.parallel import SINGLE, TPGroup, tensor_parallel
+from engine.quantization import linear_method
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence, TokenLogprob
@@ -37,22 +39,47 @@ ACTIVATION_HEADROOM_BYTES = 2 << 30
 STAGING_ROWS = 32
 
 
+def resolve_quantization(asked: str | None, checkpoint: str | None) -> str | None:
+    """The flag's quantization, or the checkpoint's own; a pre-quantized checkpoint is never
+    re-quantized another way."""
+    if checkpoint is not None and asked not in (None, checkpoint):
+        raise ValueError(f"the checkpoint is quantized {checkpoint}; cannot serve it as {asked}")
+    return asked or checkpoint
+
+
 def build_model(
-    config: ModelConfig, source: ModelSource, dtype: torch.dtype, device: str, load_format: str
+    config: ModelConfig,
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: str,
+    load_format: str,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), linear_method(quantization):
             model = MODEL_REGISTRY[config.architecture](config)
     finally:
         torch.set_default_dtype(previous)
     if load_format == "dummy":
-        for param in model.parameters():  # small values keep activations finite
-            param.data.normal_(0, 0.02)
+        fill_dummy_weights(model)
     else:
         model.load_weights(iter_weights(source, config))
     return model.eval()
+
+
+def fill_dummy_weights(model: torch.nn.Module) -> None:
+    """Random weights; small values keep activations finite. Linear layers draw their own
+    (quantized ones quantize a random float matrix a slice at a time)."""
+    linear_params: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.fill_dummy()
+            linear_params.update(id(p) for p in module.parameters(recurse=False))
+    for param in model.parameters():
+        if id(param) not in linear_params:
+            param.data.normal_(0, 0.02)
 
 
 @dataclass(frozen=True)
@@ -103,9 +130,18 @@ class ModelRunner:
         self.device = torch.device(device or engine_config.device)
         self.dtype = engine_config.torch_dtype
         self.block_size = engine_config.cache.block_size
+        #: Linear weights: int8, fp8, or None (the model's dtype).
+        self.quantization = resolve_quantization(
+            engine_config.quantization, model_config.quantization
+        )
         with tensor_parallel(tp):
             self.model = build_model(
-                model_config, source, self.dtype, str(self.device), engine_config.load_format
+                model_config,
+                source,
+                self.dtype,
+                str(self.device),
+                engine_config.load_format,
+                self.quantization,
             )
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.num_blocks = self._decide_num_blocks()

@@ -13,10 +13,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import activation, gemv, rotary
+from kernels import activation, gemv, quant, rotary
 from kernels import fused_moe as moe
 from kernels import paged_attention as attn
+from kernels import quant_gemm as qgemm
 from kernels import rms_norm as norm
+from kernels.quant_gemv import quant_gemv
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -34,6 +36,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if x.dim() == 2 and x.shape[0] == 1 and _use_triton(x):
         return gemv.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A16: (x W^T) * w_scale + b with int8 W (N, K) and float32 w_scale (N,)."""
+    if _use_triton(x) and x.dim() == 2:
+        if x.shape[0] == 1:
+            return quant_gemv(x, qweight, w_scale, bias)
+        return qgemm.quant_gemm(x, qweight, w_scale, bias)
+    # CPU: widen W once per call and let the BLAS accumulate (float32 on the CPU).
+    y = F.linear(x, qweight.to(x.dtype)) * w_scale.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def fp8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8: x quantized to fp8 per token, then (xq W^T) * x_scale * w_scale + b."""
+    if not (_use_triton(x) and x.dim() == 2):
+        xq, x_scale = quant.per_token_fp8_ref(x.reshape(-1, x.shape[-1]))
+        out_dtype = x.dtype if x.dtype == torch.float32 else torch.bfloat16
+        y = qgemm.fp8_scaled_mm(xq, x_scale, qweight, w_scale, bias, out_dtype)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+    xq, x_scale = quant.per_token_fp8(x)
+    if x.shape[0] == 1:
+        return quant_gemv(xq, qweight, w_scale, bias, x_scale, out_dtype=x.dtype)
+    if qgemm.scaled_mm_fits(x, qweight, x.dtype):
+        return qgemm.fp8_scaled_mm(xq, x_scale, qweight, w_scale, bias, x.dtype)
+    return qgemm.quant_gemm(xq, qweight, w_scale, bias, x_scale, out_dtype=x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -65,7 +65,7 @@ def test_our_kernels_package_is_not_mistaken_for_the_hub() -> None:
 @pytest.mark.parametrize(
     ("factory", "message"),
     [
-        (lambda: EngineConfig(dtype="float64"), "dtype must be one of"),
+        (lambda: EngineConfig(dtype="float64"), "dtype must be auto or one of"),
         (lambda: CacheConfig(block_size=12), "power of two"),
         (lambda: EngineConfig(max_model_len=0), "max_model_len"),
         (

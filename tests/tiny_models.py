@@ -135,3 +135,54 @@ def load_hf(directory: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+
+
+def save_fp8_checkpoint(source: Path, directory: Path, scheme: str) -> Path:
+    """An fp8 copy of a float checkpoint, as quantizing tools write them: "channel" in the
+    compressed-tensors format (one scale per output row, shape (N, 1)), "tensor" in the
+    ``fp8`` format (one scalar scale per projection). Embeddings, norms and biases stay float."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from kernels.quant import FP8_DTYPE, FP8_MAX, quantize_fp8_rows
+
+    directory.mkdir(parents=True)
+    for file in source.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, directory / file.name)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(source.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not (name.startswith("model.layers.") and name.endswith("proj.weight")):
+            out[name] = tensor
+            continue
+        if scheme == "channel":
+            q, scale = quantize_fp8_rows(tensor)
+            out[name], out[f"{name}_scale"] = q, scale[:, None].contiguous()
+        else:
+            scale = tensor.abs().amax().float() / FP8_MAX
+            out[name] = (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            out[f"{name}_scale"] = scale.reshape(())
+    save_file(out, str(directory / "model.safetensors"))
+    config = json.loads((source / "config.json").read_text())
+    if scheme == "channel":
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {"type": "float", "num_bits": 8, "strategy": "channel"},
+                    "input_activations": {"type": "float", "num_bits": 8, "dynamic": True},
+                }
+            },
+            "ignore": ["lm_head"],
+        }
+    else:
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory

@@ -177,8 +177,10 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb" in name or (
-                self.config.tie_word_embeddings and name == "lm_head.weight"
+            if (
+                "rotary_emb" in name
+                or name.endswith(".input_scale")  # activations are scaled per token, on the fly
+                or (self.config.tie_word_embeddings and name == "lm_head.weight")
             ):
                 continue
             target, shard_id = self.checkpoint_target(name)
@@ -187,8 +189,14 @@ class LlamaForCausalLM(nn.Module):
             param = params[target]
             module = self.get_submodule(target.rsplit(".", 1)[0])
             loader = getattr(module, "weight_loader", default_weight_loader)
-            loader(param, tensor.to(param.dtype), shard_id)
+            loader(param, tensor, shard_id)  # the loader casts (or quantizes) its shard
             loaded.add(target)
+            if (
+                target.endswith(".weight")
+                and tensor.element_size() > 1
+                and hasattr(module, "weight_scale")
+            ):
+                loaded.add(f"{target}_scale")  # a float weight was quantized as it was placed
         missing = set(params) - loaded
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
