@@ -11,7 +11,15 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig, default_device
+from engine.config import (
+    DTYPES,
+    OFFLOAD_KINDS,
+    CacheConfig,
+    EngineConfig,
+    OffloadConfig,
+    SchedulerConfig,
+    default_device,
+)
 
 #: Flag name -> (type, help). The variable is PDMESH_ + the name in upper case.
 ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
@@ -20,6 +28,8 @@ ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
     "gpu_memory_utilization": (float, "share of the GPU this worker may use (default 0.9)"),
     "num_kv_blocks": (int, "KV cache blocks (default: sized from the memory share)"),
     "load_format": (str, "auto (read the checkpoint) or dummy (random weights, shapes only)"),
+    "offload_weights": (str, "where layers beyond the GPU budget stay: " + "|".join(OFFLOAD_KINDS)),
+    "gpu_weight_budget_gib": (float, "device GiB for weights under offload (default: all stream)"),
 }
 GPU_MAX_NUM_SEQS = 256
 CPU_MAX_NUM_SEQS = 64
@@ -90,4 +100,8 @@ def engine_config_from(
         enforce_eager=eager,
         scheduler=SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=tokens),
         cache=CacheConfig(**{k: v for k, v in cache.items() if v is not None}),
+        offload=OffloadConfig(
+            weights=_setting(args, "offload_weights", environ) or "none",
+            gpu_weight_budget_gib=_setting(args, "gpu_weight_budget_gib", environ),
+        ),
     )
