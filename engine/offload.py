@@ -255,7 +255,7 @@ class OffloadedModel:
             self.model.load_weights(iter_weights(source, config))
             return
         for param in self.model.parameters():
-            if param.device == device:
+            if param.device.type == device.type:  # ("cuda" and "cuda:0" are one place)
                 param.data.normal_(0, 0.02)
         if flats:  # random values made on the device, the same for every streamed layer
             sample = torch.empty(flats[0].shape, dtype=flats[0].dtype, device=device)
