@@ -34,6 +34,8 @@ ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
 GPU_MAX_NUM_SEQS = 256
 CPU_MAX_NUM_SEQS = 64
 MIN_BATCHED_TOKENS = 2048
+OFFLOAD_BATCH_SCALE = 2
+OFFLOAD_MIN_BATCHED_TOKENS = 8192
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -79,9 +81,17 @@ def engine_config_from(
 ) -> EngineConfig:
     """The engine a command's flags (then variables, then defaults) describe."""
     device = args.device or environ.get("PDMESH_DEVICE") or default_device()
+    offload = OffloadConfig(
+        weights=_setting(args, "offload_weights", environ) or "none",
+        gpu_weight_budget_gib=_setting(args, "gpu_weight_budget_gib", environ),
+    )
+    # Throughput mode: a streamed pass costs the link time whatever its size, so offload
+    # defaults to twice the batch and to prefill budgets that take fewer, larger passes.
+    scale = OFFLOAD_BATCH_SCALE if offload.enabled else 1
     seqs = _setting(args, "max_num_seqs", environ)
-    seqs = seqs or (GPU_MAX_NUM_SEQS if device.startswith("cuda") else CPU_MAX_NUM_SEQS)
-    tokens = _setting(args, "max_num_batched_tokens", environ) or max(MIN_BATCHED_TOKENS, seqs)
+    seqs = seqs or scale * (GPU_MAX_NUM_SEQS if device.startswith("cuda") else CPU_MAX_NUM_SEQS)
+    min_tokens = OFFLOAD_MIN_BATCHED_TOKENS if offload.enabled else MIN_BATCHED_TOKENS
+    tokens = _setting(args, "max_num_batched_tokens", environ) or max(min_tokens, seqs)
     cache: dict[str, Any] = {
         "num_blocks": _setting(args, "num_kv_blocks", environ),
         "handoff_lane_mib": getattr(args, "handoff_lane_mib", None),
@@ -100,8 +110,5 @@ def engine_config_from(
         enforce_eager=eager,
         scheduler=SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=tokens),
         cache=CacheConfig(**{k: v for k, v in cache.items() if v is not None}),
-        offload=OffloadConfig(
-            weights=_setting(args, "offload_weights", environ) or "none",
-            gpu_weight_budget_gib=_setting(args, "gpu_weight_budget_gib", environ),
-        ),
+        offload=offload,
     )

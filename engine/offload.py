@@ -33,6 +33,8 @@ from engine.weight_stream import (
     WeightStreamer,
     bind,
     flat_layout,
+    host_empty,
+    host_release,
     layout_numel,
     views_of,
 )
@@ -97,7 +99,7 @@ def measured_depth(layer: nn.Module, batch: int, device: torch.device, dtype: to
     """
     numel = layout_numel(flat_layout(layer))
     is_cuda = device.type == "cuda"
-    host = torch.empty(numel, dtype=dtype, pin_memory=is_cuda)
+    host = host_empty(numel, dtype, is_cuda)
     slot = torch.empty(numel, dtype=dtype, device=device)
     weights = [w for w in views_of(slot, flat_layout(layer)) if w.dim() == 2]
 
@@ -111,6 +113,9 @@ def measured_depth(layer: nn.Module, batch: int, device: torch.device, dtype: to
             torch.nn.functional.linear(x, w)
 
     transfer, work = _seconds(copy, device), _seconds(compute, device)
+    if is_cuda:
+        torch.cuda.synchronize(device)
+        host_release(host)
     ratio = transfer / max(work, 1e-9)
     depth = 3 if BALANCED[0] <= ratio <= BALANCED[1] else 2
     logger.info(
@@ -238,7 +243,7 @@ class OffloadedModel:
         for layer in streamed:
             layout = flat_layout(layer)
             dtype = next(layer.parameters()).dtype
-            flat = torch.empty(layout_numel(layout), dtype=dtype, pin_memory=pin)
+            flat = host_empty(layout_numel(layout), dtype, pin)
             bind(layer, views_of(flat, layout))
             flats.append(flat)
         return flats

@@ -146,6 +146,17 @@ def test_offload_flags_and_variables() -> None:
     environ = {"PDMESH_OFFLOAD_WEIGHTS": "cpu", "PDMESH_GPU_WEIGHT_BUDGET_GIB": "1.5"}
     assert engine_config_from(parser.parse_args([]), environ).offload == OffloadConfig("cpu", 1.5)
     assert not engine_config_from(parser.parse_args([]), {}).offload.enabled
+    # Throughput mode: larger batches and prefill passes unless given.
+    gpu = engine_config_from(
+        parser.parse_args(["--device", "cuda", "--offload-weights", "cpu"]), {}
+    )
+    assert (gpu.scheduler.max_num_seqs, gpu.scheduler.max_num_batched_tokens) == (512, 8192)
+    plain = engine_config_from(parser.parse_args(["--device", "cuda"]), {})
+    assert (plain.scheduler.max_num_seqs, plain.scheduler.max_num_batched_tokens) == (256, 2048)
+    given = parser.parse_args(
+        ["--device", "cuda", "--offload-weights", "cpu", "--max-num-seqs", "8"]
+    )
+    assert engine_config_from(given, {}).scheduler.max_num_seqs == 8
     with pytest.raises(ValueError, match="offload weights must be one of"):
         engine_config_from(parser.parse_args(["--offload-weights", "nvme"]), {})
 
