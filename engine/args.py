@@ -11,7 +11,15 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig, default_device
+from engine.config import (
+    DTYPES,
+    OFFLOAD_KINDS,
+    CacheConfig,
+    EngineConfig,
+    OffloadConfig,
+    SchedulerConfig,
+    default_device,
+)
 
 #: Flag name -> (type, help). The variable is PDMESH_ + the name in upper case.
 ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
@@ -21,10 +29,14 @@ ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
     "num_kv_blocks": (int, "KV cache blocks (default: sized from the memory share)"),
     "load_format": (str, "auto (read the checkpoint) or dummy (random weights, shapes only)"),
     "quantization": (str, "int8 (weight-only) or fp8 (W8A8) linear weights, quantized at load"),
+    "offload_weights": (str, "where layers beyond the GPU budget stay: " + "|".join(OFFLOAD_KINDS)),
+    "gpu_weight_budget_gib": (float, "device GiB for weights under offload (default: all stream)"),
 }
 GPU_MAX_NUM_SEQS = 256
 CPU_MAX_NUM_SEQS = 64
 MIN_BATCHED_TOKENS = 2048
+OFFLOAD_BATCH_SCALE = 2
+OFFLOAD_MIN_BATCHED_TOKENS = 8192
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -77,9 +89,17 @@ def engine_config_from(
 ) -> EngineConfig:
     """The engine a command's flags (then variables, then defaults) describe."""
     device = args.device or environ.get("PDMESH_DEVICE") or default_device()
+    offload = OffloadConfig(
+        weights=_setting(args, "offload_weights", environ) or "none",
+        gpu_weight_budget_gib=_setting(args, "gpu_weight_budget_gib", environ),
+    )
+    # Throughput mode: a streamed pass costs the link time whatever its size, so offload
+    # defaults to twice the batch and to prefill budgets that take fewer, larger passes.
+    scale = OFFLOAD_BATCH_SCALE if offload.enabled else 1
     seqs = _setting(args, "max_num_seqs", environ)
-    seqs = seqs or (GPU_MAX_NUM_SEQS if device.startswith("cuda") else CPU_MAX_NUM_SEQS)
-    tokens = _setting(args, "max_num_batched_tokens", environ) or max(MIN_BATCHED_TOKENS, seqs)
+    seqs = seqs or scale * (GPU_MAX_NUM_SEQS if device.startswith("cuda") else CPU_MAX_NUM_SEQS)
+    min_tokens = OFFLOAD_MIN_BATCHED_TOKENS if offload.enabled else MIN_BATCHED_TOKENS
+    tokens = _setting(args, "max_num_batched_tokens", environ) or max(min_tokens, seqs)
     cache: dict[str, Any] = {
         "num_blocks": _setting(args, "num_kv_blocks", environ),
         "handoff_lane_mib": getattr(args, "handoff_lane_mib", None),
@@ -100,4 +120,5 @@ def engine_config_from(
         enforce_eager=eager,
         scheduler=SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=tokens),
         cache=CacheConfig(**{k: v for k, v in cache.items() if v is not None}),
+        offload=offload,
     )

@@ -296,6 +296,43 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
 
 
+OFFLOAD_KINDS = ("none", "cpu", "disk")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """ZeRO-Inference style weight streaming: decoder layers beyond a device budget live in
+    host memory (pinned on CUDA) or in one file per layer, and a ring of device buffers is
+    filled ahead of the forward pass (``engine.weight_stream``)."""
+
+    #: Where the layers that do not fit stay: "none" (every weight on the device), "cpu"
+    #: (host memory) or "disk" (per-layer files read with large, direct where possible, reads).
+    weights: str = "none"
+    #: Device memory for weights, GiB: embeddings, head, norms, resident layers and the
+    #: ring's buffers. None streams every decoder layer.
+    gpu_weight_budget_gib: float | None = None
+    #: Layers the ring holds (loads in flight ahead of compute); None measures one layer's
+    #: transfer and compute time: 2, or 3 when the two are close (``measured_depth``).
+    prefetch_depth: int | None = None
+    #: Directory for the per-layer files of "disk"; None: a temporary directory.
+    disk_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights not in OFFLOAD_KINDS:
+            raise ValueError(
+                f"offload weights must be one of {OFFLOAD_KINDS}, got {self.weights!r}"
+            )
+        budget = self.gpu_weight_budget_gib
+        if budget is not None and budget < 0:
+            raise ValueError(f"gpu_weight_budget_gib must be >= 0, got {budget}")
+        if self.prefetch_depth is not None and self.prefetch_depth < 2:
+            raise ValueError(f"prefetch_depth must be at least 2, got {self.prefetch_depth}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weights != "none"
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -346,6 +383,7 @@ class EngineConfig:
     async_scheduling: bool | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":

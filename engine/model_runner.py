@@ -16,11 +16,13 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.layers import LinearBase
 from engine.model_source import ModelSource
 from engine.models import MODEL_REGISTRY, LlamaForCausalLM
+from engine.offload import build_offloaded
 from engine.parallel import SINGLE, TPGroup, tensor_parallel
 from engine.quantization import linear_method
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence, TokenLogprob
+from engine.weight_stream import WeightStreamer
 from engine.weights import iter_weights
 from kvstore.gpu_paths import PinnedStaging
 
@@ -134,15 +136,31 @@ class ModelRunner:
         self.quantization = resolve_quantization(
             engine_config.quantization, model_config.quantization
         )
+        #: Streams offloaded decoder layers through device buffers (``--offload-weights``).
+        self.weight_stream: WeightStreamer | None = None
         with tensor_parallel(tp):
-            self.model = build_model(
-                model_config,
-                source,
-                self.dtype,
-                str(self.device),
-                engine_config.load_format,
-                self.quantization,
-            )
+            if engine_config.offload.enabled:
+                if self.quantization is not None:
+                    raise ValueError("--offload-weights streams 16-bit layers; drop --quantization")
+                self.model, self.weight_stream = build_offloaded(
+                    model_config,
+                    source,
+                    self.dtype,
+                    self.device,
+                    engine_config.load_format,
+                    engine_config.offload,
+                    batch=engine_config.scheduler.max_num_seqs,
+                    rank=tp.rank,
+                )
+            else:
+                self.model = build_model(
+                    model_config,
+                    source,
+                    self.dtype,
+                    str(self.device),
+                    engine_config.load_format,
+                    self.quantization,
+                )
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.num_blocks = self._decide_num_blocks()
         self._allocate_kv_cache()
@@ -156,7 +174,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         # Under tensor parallelism every rank captures the same buckets, NCCL all-reduces
         # included, and replays them in the same order (each rank runs every step).
-        use_graphs = not engine_config.enforce_eager
+        # Streamed layers rotate through the ring's slots; graphs would pin them (offload.py).
+        use_graphs = not engine_config.enforce_eager and self.weight_stream is None
         if self.device.type == "cuda" and use_graphs:
             longest = engine_config.max_model_len or model_config.max_position_embeddings
             self.graphs = DecodeGraphs(
