@@ -40,6 +40,22 @@ def resolve_metrics_port(flag: int | None, grpc_port: int) -> int | None:
     return None if flag == -1 else flag
 
 
+#: Default OpenAI HTTP port of the gateway (vLLM's and TGI's servers listen on 8000/8080).
+DEFAULT_HTTP_PORT = 8080
+
+
+def resolve_http_port(flag: int | None, grpc_port: int) -> int | None:
+    """The gateway's ``--http-port``: the flag (or ``PDMESH_HTTP_PORT``), -1 meaning off;
+    otherwise 8080, or a free port when the gRPC port is 0 too."""
+    if flag is None:
+        flag = int(os.environ.get("PDMESH_HTTP_PORT", "-2"))
+        if flag == -2:
+            return 0 if grpc_port == 0 else DEFAULT_HTTP_PORT
+    if flag < -1 or flag > 65535:
+        raise ValueError(f"bad HTTP port {flag} (-1 turns the HTTP API off)")
+    return None if flag == -1 else flag
+
+
 def _event_loop_policy() -> None:
     with contextlib.suppress(ImportError):
         import uvloop
@@ -102,6 +118,8 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
         limits=limits_from(args),
         prefill_devices=args.prefill_devices,
         decode_devices=args.decode_devices,
+        http_port=resolve_http_port(args.http_port, args.port),
+        served_model_name=args.served_model_name,
     )
 
     async def main() -> None:
@@ -115,6 +133,8 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
         )
         for worker in mesh.workers:
             print(f"pdmesh: {worker.role} worker on {worker.address}", flush=True)
+        if mesh.http_address is not None:
+            print(f"pdmesh: gateway OpenAI API on http://{mesh.http_address}/v1", flush=True)
         for name, port in mesh.metrics_ports.items():
             print(f"pdmesh: {name} metrics on http://{config.host}:{port}/metrics", flush=True)
         print(
@@ -176,8 +196,12 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig, security: Security
                 security=security,
                 metrics_port=metrics_port,
                 limits=limits,
+                http_port=resolve_http_port(args.http_port, args.port),
+                served_model_name=args.served_model_name,
             )
             metrics: ServiceMetrics | None = core.metrics
+            if core.http is not None:
+                print(f"pdmesh: OpenAI API on http://{args.host}:{core.http.port}/v1", flush=True)
 
             async def stop() -> None:
                 await drain_gateway(server, core, limits.drain_timeout_s)
