@@ -128,7 +128,9 @@ def _stop(body: dict[str, Any]) -> list[str]:
 def _common(body: dict[str, Any], values: dict[str, Any]) -> gen_pb.GenerateRequest:
     message = gen_pb.GenerateRequest(stop=_stop(body))
     for name in SAMPLING_FIELDS:
-        if name in values:
+        if name == "stop_token_ids":
+            message.stop_token_ids.extend(values.get(name, ()))
+        elif name in values:
             setattr(message, name, values[name])
     if "top_k" in values:  # vLLM: -1 disables, as 0 does here
         message.top_k = 0 if values["top_k"] == -1 else values["top_k"]

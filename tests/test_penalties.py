@@ -74,7 +74,9 @@ def hf_penalized(model, prompt: list[int], presence: float, frequency: float) ->
             attention_mask=torch.ones_like(ids),
             max_new_tokens=NEW_TOKENS,
             do_sample=False,
-            logits_processor=LogitsProcessorList([OpenAIPenalties(len(prompt), presence, frequency)]),
+            logits_processor=LogitsProcessorList(
+                [OpenAIPenalties(len(prompt), presence, frequency)]
+            ),
         )
     return out[0, len(prompt) :].tolist()
 

@@ -23,13 +23,15 @@ from pdmesh.mesh import MeshConfig
 from pdmesh.security import SecurityConfig
 from pdmesh.v1 import generation_pb2 as gen_pb
 from tests.conftest import hf_greedy
-from tests.mesh.harness import MeshThread, generate
+from tests.mesh.harness import MeshThread
 from tests.mesh.test_mesh_e2e import to_request
 from tests.test_hf_parity import PROMPTS
 
 KEY = "sk-test-0123456789abcdef0123456789"
 MODEL = "smollm2-test"
-NEW_TOKENS = 24
+NEW_TOKENS = 12
+#: Two plain prompts and two chats of the engine's reference prompts.
+REFERENCE = PROMPTS[:4]
 MAX_REQUEST_BYTES = 64 << 10
 
 
@@ -107,17 +109,21 @@ def test_greedy_text_equals_grpc_and_hugging_face(
     mesh: MeshThread, client: openai.OpenAI, smol_llm: LLM, hf_smol: torch.nn.Module
 ) -> None:
     http: dict[int, Any] = {}
+    grpc_replies: dict[int, gen_pb.GenerateResponse] = {}
 
     def run(index: int) -> None:
-        http[index] = http_greedy(client, PROMPTS[index], max_tokens=NEW_TOKENS, temperature=0)
+        prompt = REFERENCE[index]
+        http[index] = http_greedy(client, prompt, max_tokens=NEW_TOKENS, temperature=0)
+        request = to_request(prompt, max_tokens=NEW_TOKENS, temperature=0)
+        grpc_replies[index] = grpc_generate(mesh, request)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(REFERENCE))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    for index, prompt in enumerate(PROMPTS):
-        via_grpc = grpc_generate(mesh, to_request(prompt, max_tokens=NEW_TOKENS, temperature=0))
+    for index, prompt in enumerate(REFERENCE):
+        via_grpc = grpc_replies[index]
         assert text_of(http[index]) == via_grpc.text, prompt
         assert http[index].usage.completion_tokens == len(via_grpc.token_ids)
         assert http[index].usage.prompt_tokens == via_grpc.usage.prompt_tokens
@@ -129,7 +135,7 @@ def test_greedy_text_equals_grpc_and_hugging_face(
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])
 def test_streaming_adds_up_to_the_whole_answer(client: openai.OpenAI, kind: str) -> None:
-    prompt = PROMPTS[1] if kind == "chat" else PROMPTS[4]
+    prompt = PROMPTS[1] if kind == "chat" else PROMPTS[0]
     whole = http_greedy(client, prompt, max_tokens=NEW_TOKENS, temperature=0)
     chunks = list(
         http_greedy(
@@ -257,7 +263,7 @@ def test_bad_input_is_400_naming_the_field_as_grpc_does(
     assert grpc_error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.body["message"] == grpc_error.value.details()
     assert raised.value.body["type"] == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError, match="messages\\[0\\].role"):
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\]\.role"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])
     ignored = client.completions.create(
         model=MODEL, prompt="x", max_tokens=2, extra_body={"not_a_field": {"a": 1}}
