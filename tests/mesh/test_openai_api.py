@@ -272,13 +272,17 @@ def test_bad_input_is_400_naming_the_field_as_grpc_does(
 
 
 def test_api_keys_guard_v1_but_not_health(base: str) -> None:
-    for key in (None, "sk-wrong-0123456789abcdef01234567"):
-        anonymous = openai.OpenAI(base_url=f"{base}/v1", api_key=key or "", max_retries=0)
-        if key is None:
-            anonymous = anonymous.with_options(default_headers={"Authorization": ""})
+    wrong = openai.OpenAI(
+        base_url=f"{base}/v1", api_key="sk-wrong-0123456789abcdef01234567", max_retries=0
+    )
+    for call in (
+        lambda: wrong.completions.create(model=MODEL, prompt="x", max_tokens=2),
+        lambda: wrong.models.list(),
+    ):
         with pytest.raises(openai.AuthenticationError) as raised:
-            anonymous.completions.create(model=MODEL, prompt="x", max_tokens=2)
+            call()
         assert raised.value.body["code"] == "invalid_api_key"
+    # The openai client always sends a key: without one, a plain HTTP call.
     missing = httpx.post(f"{base}/v1/completions", json={"prompt": "x"}, timeout=30)
     assert missing.status_code == 401 and "missing API key" in missing.json()["error"]["message"]
     assert httpx.get(f"{base}/health", timeout=30).json() == {"status": "ok"}
