@@ -349,8 +349,9 @@ def test_a_client_gone_mid_stream_leaves_no_blocks_or_pins(
         impatient.completions.create(
             model=MODEL, prompt="Count:", max_tokens=400, extra_body={"ignore_eos": True}
         )
-    mesh.wait_idle()
-    assert mesh.is_idle()
+    mesh.wait_idle(timeout=90)
+    pins = mesh.mesh.store.stats().num_pinned_blocks
+    assert mesh.is_idle(), ([r.num_used_blocks for r in mesh.loads()], pins)
     assert metric(base, "pdmesh_requests_total", status="abort") - aborted == 2
     assert metric(base, "pdmesh_rpc_requests_total", method="ChatCompletions", code="499") >= 1
 
