@@ -17,7 +17,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import EngineConfig
-from engine.llm import LLM
+from engine.tokenizer import encode_prompt
 from pdmesh.limits import ServingLimits
 from pdmesh.mesh import MeshConfig
 from pdmesh.security import SecurityConfig
@@ -106,7 +106,7 @@ def test_models_lists_the_served_name_and_another_model_is_404(client: openai.Op
 
 
 def test_greedy_text_equals_grpc_and_hugging_face(
-    mesh: MeshThread, client: openai.OpenAI, smol_llm: LLM, hf_smol: torch.nn.Module
+    mesh: MeshThread, client: openai.OpenAI, hf_smol: torch.nn.Module
 ) -> None:
     http: dict[int, Any] = {}
     grpc_replies: dict[int, gen_pb.GenerateResponse] = {}
@@ -127,9 +127,10 @@ def test_greedy_text_equals_grpc_and_hugging_face(
         assert text_of(http[index]) == via_grpc.text, prompt
         assert http[index].usage.completion_tokens == len(via_grpc.token_ids)
         assert http[index].usage.prompt_tokens == via_grpc.usage.prompt_tokens
+    tokenizer = mesh.mesh.core.tokenizer
     for index in (0, 1):  # a plain prompt and a chat (the template as the gRPC path applies it)
-        ids = hf_greedy(hf_smol, smol_llm.encode(PROMPTS[index]), NEW_TOKENS)
-        hf_text = smol_llm.tokenizer.decode(ids, skip_special_tokens=True)
+        ids = hf_greedy(hf_smol, encode_prompt(tokenizer, PROMPTS[index]), NEW_TOKENS)
+        hf_text = tokenizer.decode(ids, skip_special_tokens=True)
         assert text_of(http[index]) == hf_text
 
 
