@@ -134,6 +134,17 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--store-capacity-blocks", type=int, default=8192)
     parser.add_argument(
+        "--http-port",
+        type=int,
+        help="gateway: OpenAI-compatible HTTP API port on --host; default $PDMESH_HTTP_PORT "
+        "or 8080 (a free port when --port is 0); -1 = off",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=env("PDMESH_SERVED_MODEL_NAME"),
+        help="gateway: the model name of the HTTP API (default: the model's file name)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         help="first Prometheus /metrics HTTP port (up: workers take the next ones); "

@@ -1,6 +1,6 @@
-"""Turns logits into next tokens: repetition penalty, temperature, top-k, top-p, min-p, then
-greedy argmax or seeded sampling. Each seeded row draws only from its own generator, so its
-tokens do not depend on what else is in the batch."""
+"""Turns logits into next tokens: repetition, presence and frequency penalties, temperature,
+top-k, top-p, min-p, then greedy argmax or seeded sampling. Each seeded row draws only from
+its own generator, so its tokens do not depend on what else is in the batch."""
 
 from __future__ import annotations
 
@@ -18,6 +18,33 @@ def apply_repetition_penalty(
     ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
     seen = logits[ids]
     logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def apply_output_penalties(
+    logits: torch.Tensor, output_token_ids: Seq[int], presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI rule on one row: ``logit[j] -= frequency * count[j] + presence * (count[j] > 0)``
+    where ``count[j]`` is how often token j is in the output so far (the prompt does not
+    count). A placeholder id (< 0, a token still on the device) counts for nothing."""
+    ids = torch.tensor([t for t in output_token_ids if t >= 0], dtype=torch.long)
+    if ids.numel() == 0:
+        return logits
+    counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.device, logits.dtype)
+    logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def penalize(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """One row's logits (a copy) with the request's penalties applied."""
+    params = seq.params
+    logits = logits.clone()
+    if params.repetition_penalty != 1.0:
+        apply_repetition_penalty(logits, seq.token_ids, params.repetition_penalty)
+    if params.presence_penalty or params.frequency_penalty:
+        apply_output_penalties(
+            logits, seq.output_token_ids, params.presence_penalty, params.frequency_penalty
+        )
     return logits
 
 
@@ -81,10 +108,8 @@ class Sampler:
         for row, seq in enumerate(seqs):
             token_id = greedy[row]
             params = seq.params
-            if params.repetition_penalty != 1.0 or not params.is_greedy:
-                row_logits = logits[row].clone()
-                if params.repetition_penalty != 1.0:
-                    apply_repetition_penalty(row_logits, seq.token_ids, params.repetition_penalty)
+            if params.has_penalties or not params.is_greedy:
+                row_logits = penalize(logits[row], seq)
                 if params.is_greedy:
                     token_id = int(row_logits.argmax())
                 else:

@@ -19,6 +19,10 @@ class SamplingParams:
     min_p: float = 0.0
     #: > 1 discourages tokens already in the prompt or output (CTRL / Hugging Face rule).
     repetition_penalty: float = 1.0
+    #: OpenAI rule: subtracted once from the logit of every token already in the output.
+    presence_penalty: float = 0.0
+    #: OpenAI rule: subtracted from a token's logit once per time it is in the output.
+    frequency_penalty: float = 0.0
     #: Same seed, same tokens, whatever else is in the batch.
     seed: int | None = None
     #: Generation ends when the output text contains one of these (not included in the text).
@@ -45,6 +49,9 @@ class SamplingParams:
             problems.append(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                problems.append(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             problems.append(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):
@@ -62,6 +69,15 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def has_penalties(self) -> bool:
+        """Some penalty changes the logits before the token is chosen."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @property
     def is_argmax(self) -> bool:
         """The token is the argmax of the raw logits (nothing the host must look at)."""
-        return self.is_greedy and self.repetition_penalty == 1.0 and self.logprobs is None
+        return self.is_greedy and not self.has_penalties and self.logprobs is None

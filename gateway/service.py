@@ -111,10 +111,14 @@ class GatewayCore:
         #: Open the decode call when the prefill starts, so the decode worker pulls the
         #: prompt's blocks while they are computed (off: only after the first token).
         self.pipeline_handoff = True
+        #: The OpenAI HTTP front end serving this core, when there is one (its stop comes
+        #: after the drain).
+        self.http: Any = None
 
     async def generate(
         self, message: gen_pb.GenerateRequest
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
+        """The one entry of every front end (the gRPC servicer, the OpenAI HTTP API)."""
         with self.admission.admit():
             async for response in self._generate(message):
                 yield response
@@ -292,6 +296,14 @@ class GatewayCore:
             )
             response.timings.CopyFrom(state.clock.to_pb())
         return response
+
+    def is_serving(self) -> bool:
+        """A request could be served now: not draining, and a healthy worker at every step
+        of its path (HTTP /health)."""
+        router = self.router
+        pools = [router.colocated] if router.is_colocated else [router.prefill, router.decode]
+        has_path = all(any(worker.healthy for worker in pool) for pool in pools)
+        return has_path and not self.admission.is_draining
 
     def abort(self, request_id: str) -> bool:
         state = self.running.get(request_id)

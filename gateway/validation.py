@@ -16,7 +16,9 @@ MAX_PROMPT_CHARS = 1 << 20
 MAX_REQUEST_ID_CHARS = 256
 CHAT_ROLES = ("system", "user", "assistant")
 #: Float fields that must hold a finite number when set (NaN and infinities are refused).
-FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty")
+FLOAT_FIELDS = (
+    "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ def validate(
         top_k=_optional(request, "top_k", 0),
         min_p=_optional(request, "min_p", 0.0),
         repetition_penalty=_optional(request, "repetition_penalty", 1.0),
+        presence_penalty=_optional(request, "presence_penalty", 0.0),
+        frequency_penalty=_optional(request, "frequency_penalty", 0.0),
         seed=_optional(request, "seed", None),
         stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids),

@@ -144,6 +144,8 @@ class LocalCluster:
             prefill=self._addresses("prefill"),
             decode=self._addresses("decode"),
             colocated=self._addresses("colocated"),
+            http_port=config.http_port,
+            served_model_name=config.served_model_name,
         )
         self.gateway = self._launch("gateway", gateway, {})
         self.gateway.wait_listening(deadline)

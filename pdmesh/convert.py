@@ -25,6 +25,8 @@ def sampling_to_pb(params: SamplingParams) -> worker_pb.WorkerSampling:
         top_k=params.top_k,
         min_p=params.min_p,
         repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
         stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
     )
@@ -43,6 +45,8 @@ def sampling_from_pb(message: worker_pb.WorkerSampling) -> SamplingParams:
         top_k=message.top_k,
         min_p=message.min_p,
         repetition_penalty=message.repetition_penalty,
+        presence_penalty=message.presence_penalty,
+        frequency_penalty=message.frequency_penalty,
         seed=message.seed if message.HasField("seed") else None,
         stop_token_ids=tuple(message.stop_token_ids),
         ignore_eos=message.ignore_eos,

@@ -35,6 +35,22 @@ def resolve_metrics_port(flag: int | None, grpc_port: int) -> int | None:
     return None if flag == -1 else flag
 
 
+#: Default OpenAI HTTP port of the gateway (vLLM's and TGI's servers listen on 8000/8080).
+DEFAULT_HTTP_PORT = 8080
+
+
+def resolve_http_port(flag: int | None, grpc_port: int) -> int | None:
+    """The gateway's ``--http-port``: the flag (or ``PDMESH_HTTP_PORT``), -1 meaning off;
+    otherwise 8080, or a free port when the gRPC port is 0 too."""
+    if flag is None:
+        flag = int(os.environ.get("PDMESH_HTTP_PORT", "-2"))
+        if flag == -2:
+            return 0 if grpc_port == 0 else DEFAULT_HTTP_PORT
+    if flag < -1 or flag > 65535:
+        raise ValueError(f"bad HTTP port {flag} (-1 turns the HTTP API off)")
+    return None if flag == -1 else flag
+
+
 def run_up(args: argparse.Namespace, engine: EngineConfig, security: SecurityConfig) -> int:
     redis_process = None
     if args.store in ("redis", "redis+shm"):
@@ -67,6 +83,8 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
         limits=limits_from(args),
         prefill_devices=args.prefill_devices,
         decode_devices=args.decode_devices,
+        http_port=resolve_http_port(args.http_port, args.port),
+        served_model_name=args.served_model_name,
     )
     configure_logging(args.log_format)
     cluster = LocalCluster(config, args.log_format)
@@ -134,6 +152,8 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig, security: Security
         decode=tuple(args.decode_addr),
         colocated=tuple(args.colocated_addr),
         log_format=args.log_format,
+        http_port=resolve_http_port(args.http_port, args.port) if args.role == "gateway" else None,
+        served_model_name=args.served_model_name,
     )
     is_gateway = args.role == "gateway"
     serve(spec, describe_gateway(security) if is_gateway else describe_workers(security, False))

@@ -21,6 +21,8 @@ from engine.engine import cache_namespace
 from engine.model_source import load_model_config, resolve_model
 from engine.tokenizer import load_tokenizer
 from gateway.admission import Admission
+from gateway.openai_api import HTTPConfig
+from gateway.openai_server import OpenAIServer
 from gateway.router import Router
 from gateway.service import GatewayCore, GenerationServicer
 from kvstore.base import KVStore
@@ -83,6 +85,10 @@ class MeshConfig:
     #: engine's device for all. Workers on one GPU split ``gpu_memory_utilization``.
     prefill_devices: tuple[int, ...] | None = None
     decode_devices: tuple[int, ...] | None = None
+    #: The gateway's OpenAI HTTP port on ``host`` (0: a free one; None: no HTTP API).
+    http_port: int | None = None
+    #: The model name of the HTTP API (None: the model's file or directory name).
+    served_model_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or (self.num_decode < 1 and not self.colocated):
@@ -261,10 +267,13 @@ async def start_gateway(
     security: SecurityConfig,
     metrics_port: int | None = None,
     limits: ServingLimits | None = None,
+    http_port: int | None = None,
+    served_model_name: str | None = None,
 ) -> tuple[Server, GatewayCore]:
     """The gateway: API keys (if any) on its port, the mesh secret on its calls to workers.
     ``metrics_port``: serve /metrics there (0: a free port; None: no metrics); the metrics
-    are ``core.metrics``."""
+    are ``core.metrics``. ``http_port``: the OpenAI HTTP API there too, on the same core
+    (``core.http``; 0: a free port; None: none)."""
     limits = limits or ServingLimits()
     metrics = None
     if metrics_port is not None:
@@ -309,6 +318,13 @@ async def start_gateway(
         core.metrics = metrics
         metrics.watch(lambda: len(core.running), store)
     gen_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
+    if http_port is not None:
+        http = HTTPConfig(
+            address.rsplit(":", 1)[0], http_port, served_model_name,
+            security.api_keys, limits.max_request_bytes,
+        )  # fmt: skip
+        core.http = OpenAIServer(core, http)
+        await core.http.start()
     await server.set_serving()
     logger.info("gateway serving on port %d", server.port)
     return server, core
@@ -374,7 +390,15 @@ class Mesh:
             security=self.security,
             metrics_port=service_metrics_port(config.metrics_port, 0),
             limits=config.limits,
+            http_port=config.http_port,
+            served_model_name=config.served_model_name,
         )
+
+    @property
+    def http_address(self) -> str | None:
+        """HOST:PORT of the gateway's OpenAI HTTP API (None when it has none)."""
+        http = self.core.http if self.core is not None else None
+        return None if http is None else f"{self.config.host}:{http.port}"
 
     @property
     def metrics_ports(self) -> dict[str, int]:

@@ -57,6 +57,9 @@ class ServiceSpec:
     decode: tuple[str, ...] = ()
     colocated: tuple[str, ...] = ()
     log_format: str = "text"
+    #: The gateway's OpenAI HTTP API port (0: a free one; None: off) and model name.
+    http_port: int | None = None
+    served_model_name: str | None = None
 
 
 @dataclass
@@ -84,7 +87,11 @@ async def start_service(spec: ServiceSpec) -> RunningService:
             security=spec.security,
             metrics_port=spec.metrics_port,
             limits=spec.limits,
+            http_port=spec.http_port,
+            served_model_name=spec.served_model_name,
         )
+        if core.http is not None:
+            print(f"pdmesh: OpenAI API on http://{host}:{core.http.port}/v1", flush=True)
 
         async def stop_gateway() -> None:
             await drain_gateway(server, core, spec.limits.drain_timeout_s)

@@ -27,6 +27,8 @@ async def drain_gateway(server: Server, core: GatewayCore, timeout_s: float) -> 
             core.admission.num_in_flight,
             timeout_s,
         )
+    if core.http is not None:  # same drain for both front ends; then HTTP stops listening
+        await core.http.stop()
 
 
 async def drain_worker(server: Server, engine: EngineCoreClient, timeout_s: float) -> None:

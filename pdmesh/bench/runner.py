@@ -159,14 +159,7 @@ def run_load_processes(
     context = multiprocessing.get_context("spawn")
     barrier, queue = context.Barrier(clients), context.Queue()
     processes = []
-    for index in range(clients):
-        part = list(requests[index::clients])
-        if shape.arrival_offsets is not None:
-            share = LoadShape(arrival_offsets=shape.arrival_offsets[index::clients])
-        else:
-            assert shape.concurrency is not None
-            extra = int(index < shape.concurrency % clients)
-            share = LoadShape(concurrency=max(1, shape.concurrency // clients + extra))
+    for part, share in split_load(requests, shape, clients):
         args = (target, part, share, temperature, timeout_s, barrier, queue)
         processes.append(context.Process(target=_client, args=args, daemon=True))
     for process in processes:
@@ -176,6 +169,23 @@ def run_load_processes(
         process.join(timeout=30)
     results = [result for _, _, part in reports for result in part]
     return results, max(end for _, end, _ in reports) - min(start for start, _, _ in reports)
+
+
+def split_load(
+    requests: Sequence[BenchRequest], shape: LoadShape, clients: int
+) -> list[tuple[list[BenchRequest], LoadShape]]:
+    """Client i's requests (i, i + clients, ...) and its share of the load shape."""
+    parts = []
+    for index in range(clients):
+        part = list(requests[index::clients])
+        if shape.arrival_offsets is not None:
+            share = LoadShape(arrival_offsets=shape.arrival_offsets[index::clients])
+        else:
+            assert shape.concurrency is not None
+            extra = int(index < shape.concurrency % clients)
+            share = LoadShape(concurrency=max(1, shape.concurrency // clients + extra))
+        parts.append((part, share))
+    return parts
 
 
 def _client(

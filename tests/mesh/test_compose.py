@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.cli import build_parser, cmd_serve
 from engine.config import EngineConfig
+from pdmesh.launch import resolve_http_port
 from pdmesh.mesh import MeshConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,8 +167,12 @@ def test_gateway_points_at_the_worker_services(
         assert not parsed[role].prefill_addr and not parsed[role].decode_addr
 
 
-def test_gateway_is_published_on_50051(services: dict[str, dict[str, Any]]) -> None:
-    assert published_ports(services["gateway"]) == {50051: 50051}
+def test_gateway_is_published_on_50051_and_its_http_api_on_8080(
+    services: dict[str, dict[str, Any]], parsed: dict[str, argparse.Namespace]
+) -> None:
+    assert published_ports(services["gateway"]) == {50051: 50051, 8080: 8080}
+    # The OpenAI HTTP port `pdmesh up` and `pdmesh serve gateway` default to.
+    assert resolve_http_port(parsed["gateway"].http_port, 50051) == 8080
     for role in ("prefill", "decode"):
         assert not published_ports(services[role]), "workers are internal to the mesh"
 
