@@ -14,6 +14,15 @@ case "$1" in
   serve135m)
     python -m bench.serve_gpu --shape 135m --batches 512 --layouts a_up_colocated c_serve_processes \
       --work-dir "$OUT/serve135m" --out "$OUT/serve_h200_135m.json" 2>&1 | grep -v "^WARNING" | tail -30 ;;
+  gputests)
+    python -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_gpu_engine.py tests/test_offload.py \
+      tests/test_quant_accuracy.py 2>&1 | tail -25 ;;
+  quant8b)
+    python -m bench.quant_gpu --shapes 8b --out "$OUT/quant-8b-h200.json" 2>&1 | grep -v "^WARNING" | tail -25 ;;
+  moe)
+    python -m bench.moe_gpu --out "$OUT/moe-h200.json" 2>&1 | grep -v "^WARNING" | tail -40 ;;
+  offload70b)
+    python -m bench.offload_gpu --shape 70b --budget-gib 40 --out "$OUT/offload_h200_70b.json" 2>&1 | grep -v "^WARNING" | tail -30 ;;
   profile)
     python -m bench.profile_decode --batches 256 512 --steps 20 2>&1 | tail -80 > "$OUT/profile.txt"; head -c 20000 "$OUT/profile.txt" ;;
 esac

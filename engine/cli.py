@@ -166,7 +166,8 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-waiting",
         type=int,
-        help="worker: queued requests, more get RESOURCE_EXHAUSTED (256; PDMESH_MAX_WAITING)",
+        help="worker: queued requests, more get RESOURCE_EXHAUSTED (256, at least --max-num-seqs; "
+        "PDMESH_MAX_WAITING)",
     )
     parser.add_argument(
         "--max-request-bytes",

@@ -93,6 +93,12 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
         signal.signal(sig, lambda *_: stopping.set())
     try:
         cluster.start()
+        generated = security.mesh_secret is None
+        print(
+            f"pdmesh: gateway: {describe_gateway(cluster.security)}; "
+            f"workers: {describe_workers(cluster.security, generated)}",
+            flush=True,
+        )
         for worker in cluster.workers:
             print(f"pdmesh: {worker.role} worker on {worker.address}", flush=True)
         print(

@@ -233,7 +233,8 @@ async def start_worker(
         None if role == "colocated" else store,
         store_capacity_blocks,
         name=f"{role}-{server.port}",
-        max_waiting=(limits or ServingLimits()).max_waiting,
+        # Never fewer than one full batch: a burst of --max-num-seqs requests must queue.
+        max_waiting=max((limits or ServingLimits()).max_waiting, config.scheduler.max_num_seqs),
         on_lost=on_lost,
         env=env,
         metrics=metrics is not None,
