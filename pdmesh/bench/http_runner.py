@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from pdmesh.bench.runner import LoadShape, _closed_loop, _open_loop, split_load
+from pdmesh.bench.runner import LoadShape, _closed_loop, _open_loop, spawn_clients
 from pdmesh.bench.stats import RequestResult
 from pdmesh.bench.workload import BenchRequest
 
@@ -106,19 +105,7 @@ def run_load_processes(
 ) -> tuple[list[RequestResult], float]:
     """As ``pdmesh.bench.runner.run_load_processes``, over HTTP: ``clients`` processes with
     their share of the load each, started together; wall time from first start to last end."""
-    context = multiprocessing.get_context("spawn")
-    barrier, queue = context.Barrier(clients), context.Queue()
-    processes = []
-    for part, share in split_load(requests, shape, clients):
-        args = (base_url, part, share, temperature, timeout_s, barrier, queue)
-        processes.append(context.Process(target=_client, args=args, daemon=True))
-    for process in processes:
-        process.start()
-    reports = [queue.get(timeout=timeout_s + 120) for _ in processes]
-    for process in processes:
-        process.join(timeout=30)
-    results = [result for _, _, part in reports for result in part]
-    return results, max(end for _, end, _ in reports) - min(start for start, _, _ in reports)
+    return spawn_clients(_client, base_url, requests, shape, temperature, timeout_s, clients)
 
 
 def _client(

@@ -7,7 +7,7 @@ import asyncio
 import multiprocessing
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,12 +156,27 @@ def run_load_processes(
         return asyncio.run(
             run_load(target, requests, shape, temperature, timeout_s, progress=False)
         )
+    return spawn_clients(_client, target, requests, shape, temperature, timeout_s, clients)
+
+
+def spawn_clients(
+    client: Callable[..., None],
+    target: str,
+    requests: Sequence[BenchRequest],
+    shape: LoadShape,
+    temperature: float,
+    timeout_s: float,
+    clients: int,
+) -> tuple[list[RequestResult], float]:
+    """Runs ``client(target, part, share, temperature, timeout_s, barrier, queue)`` in
+    ``clients`` spawned processes (gRPC or HTTP); each puts (start, end, results) on the
+    queue once done."""
     context = multiprocessing.get_context("spawn")
     barrier, queue = context.Barrier(clients), context.Queue()
     processes = []
     for part, share in split_load(requests, shape, clients):
         args = (target, part, share, temperature, timeout_s, barrier, queue)
-        processes.append(context.Process(target=_client, args=args, daemon=True))
+        processes.append(context.Process(target=client, args=args, daemon=True))
     for process in processes:
         process.start()
     reports = [queue.get(timeout=timeout_s + 120) for _ in processes]
