@@ -4,7 +4,7 @@ set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 for f in .deb/*.deb; do dpkg -x "$f" /tmp/redis; done
-export PATH=/tmp/redis/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/redis/usr/lib/x86_64-linux-gnu PYTHONUNBUFFERED=1
+export PATH=/tmp/redis/usr/bin:/tmp/site/bin:$PATH LD_LIBRARY_PATH=/tmp/redis/usr/lib/x86_64-linux-gnu PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$1" in
@@ -23,6 +23,9 @@ case "$1" in
     python -m bench.moe_gpu --out "$OUT/moe-h200.json" 2>&1 | grep -v "^WARNING" | tail -40 ;;
   offload70b)
     python -m bench.offload_gpu --shape 70b --budget-gib 40 --out "$OUT/offload_h200_70b.json" 2>&1 | grep -v "^WARNING" | tail -30 ;;
+  profile_serve)
+    python -m bench.profile_serve --shape ${SHAPE:-8b} --batch ${BATCH:-256} --layout ${LAYOUT:-a_up_colocated} \
+      --out "$OUT/profile_serve" 2>&1 | grep -v "^WARNING" | tail -150 ;;
   profile)
     python -m bench.profile_decode --batches 256 512 --steps 20 2>&1 | tail -80 > "$OUT/profile.txt"; head -c 20000 "$OUT/profile.txt" ;;
 esac

@@ -10,7 +10,8 @@ own, closed loop at concurrency B, B requests) for each layout:
 
 Every service is a subprocess started here; the load generator never shares a process with
 the mesh. Model: a Llama-3.1-8B shape (dummy bf16 weights) with a synthetic 128k-entry
-tokenizer, or the default 135M model. Prints served/offline and TTFT/TPOT percentiles.
+tokenizer, or the default model's 135M shape the same way. Prints served/offline and
+TTFT/TPOT percentiles.
 
     python -m bench.serve_gpu --shape 8b --batches 64 256 512 --out bench/results/serve_h200.json
 """
@@ -40,16 +41,14 @@ LAYOUTS = {
 CLI = [sys.executable, "-m", "engine.cli"]
 
 
-def shape_dir(shape: str, folder: Path) -> str | None:
-    """A model directory of ``shape`` (config + synthetic tokenizer); None: default model."""
-    if shape == "135m":
-        return None
+def shape_dir(shape: str, folder: Path) -> str:
+    """A model directory of ``shape`` (config + synthetic tokenizer, dummy weights)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from bench.engine_gpu import hf_config
 
-    config = hf_config(shape=shape)
+    config = smollm2_config() if shape == "135m" else hf_config(shape=shape)
     config.torch_dtype = "bfloat16"
     config.save_pretrained(str(folder))
     vocab = {f"w{i}": i for i in range(config.vocab_size)}  # every id decodes to a word
@@ -57,6 +56,19 @@ def shape_dir(shape: str, folder: Path) -> str | None:
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(str(folder))
     return str(folder)
+
+
+def smollm2_config() -> Any:
+    """SmolLM2-135M's shape (the default model's), so a machine without its weights can
+    measure the serving path's own ceiling with dummy weights."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(  # type: ignore[call-arg]
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
 
 
 def engine_flags(model: str | None, batch: int, args: argparse.Namespace) -> list[str]:
@@ -68,6 +80,7 @@ def engine_flags(model: str | None, batch: int, args: argparse.Namespace) -> lis
 def offline(model: str | None, args: argparse.Namespace, out: Path) -> dict[int, dict[str, Any]]:
     command = [*CLI, "bench", "batch", "--device", args.device, "--input-len", str(args.input_len)]
     command += ["--new-tokens", str(args.output_len), "--batch-sizes", *map(str, args.batches)]
+    command += ["--max-num-batched-tokens", str(args.batched_tokens)]  # as the served engine
     command += ["--out", str(out)] + (["--model", model, "--load-format", "dummy"] if model else [])
     subprocess.run(command, check=True, timeout=900)
     rows = json.loads(out.read_text())["results"]

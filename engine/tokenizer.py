@@ -52,9 +52,11 @@ class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas.
 
     Byte-level BPE splits one character over several tokens; decoding a token alone would
-    emit U+FFFD. Deltas are the difference between decoding a short window ending at the new
-    token and the same window without it, and nothing is emitted while the text ends in an
-    incomplete character. Concatenated deltas equal ``decode(all ids)``.
+    emit U+FFFD. A fast (Rust) tokenizer streams through ``tokenizers``' ``DecodeStream``
+    (one native call per token, no text is decoded twice); other tokenizers decode a short
+    window ending at the new token and the same window without it. Either way nothing is
+    emitted while the text ends in an incomplete character, and concatenated deltas equal
+    ``decode(all ids)``.
     """
 
     tokenizer: Any
@@ -64,6 +66,18 @@ class IncrementalDetokenizer:
     prefix_offset: int = 0
     #: Tokens before this index have been emitted as text.
     read_offset: int = 0
+    _stream: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        context = self.token_ids[self.prefix_offset : self.read_offset]
+        # A context ending inside a character would come out again as the stream's first
+        # text: such (rare) requests take the windowed path.
+        if backend is not None and not self._decode(context).endswith("\ufffd"):
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(ids=context, skip_special_tokens=self.skip_special_tokens)
+            self._backend = backend
 
     @classmethod
     def after_prompt(
@@ -79,6 +93,19 @@ class IncrementalDetokenizer:
         return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens))
 
     def add(self, new_token_ids: list[int]) -> str:
+        if self._stream is None:
+            return self._add_windowed(new_token_ids)
+        pieces = []
+        for token_id in new_token_ids:
+            self.token_ids.append(token_id)
+            piece = self._stream.step(self._backend, token_id)
+            if piece:  # the window flush() would decode starts after the last emitted text
+                pieces.append(piece)
+                self.prefix_offset = self.read_offset
+                self.read_offset = len(self.token_ids)
+        return "".join(pieces)
+
+    def _add_windowed(self, new_token_ids: list[int]) -> str:
         self.token_ids.extend(new_token_ids)
         prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
         full_text = self._decode(self.token_ids[self.prefix_offset :])
@@ -90,6 +117,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Whatever is still held back at the end (e.g. a truncated multi-byte character)."""
+        if self.read_offset == len(self.token_ids):
+            return ""
         prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
         full_text = self._decode(self.token_ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.token_ids)

@@ -63,7 +63,7 @@ class Worker:
         def broken() -> None:  # out of rotation until its Load answers again
             self.healthy = False
 
-        self.session = WorkerSession(self.stub.Session, broken)
+        self.session = WorkerSession(lambda commands: self.stub.Session(commands), broken)
 
     @property
     def free_blocks(self) -> int:

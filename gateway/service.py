@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 UNSPECIFIED = gen_pb.FINISH_REASON_UNSPECIFIED
+#: Threads that tokenize and render chat templates (the Rust tokenizer releases the GIL, so
+#: a long prompt stalls no stream on the event loop).
+TOKENIZER_THREADS = 4
+T = TypeVar("T")
 
 
 @dataclass
@@ -114,6 +119,11 @@ class GatewayCore:
         #: The OpenAI HTTP front end serving this core, when there is one (its stop comes
         #: after the drain).
         self.http: Any = None
+        self._tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, "pdmesh-tokenize")
+
+    async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        """Tokenizer work (encoding, chat templates) on the tokenizer threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work, *args)
 
     async def generate(
         self, message: gen_pb.GenerateRequest
@@ -126,8 +136,8 @@ class GatewayCore:
     async def _generate(
         self, message: gen_pb.GenerateRequest
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
-        request = validate(
-            message, self.tokenizer, self.model_config.vocab_size, self.max_model_len
+        request = await self.off_loop(
+            validate, message, self.tokenizer, self.model_config.vocab_size, self.max_model_len
         )
         if request.request_id in self.running:
             raise InvalidRequestError(f"request id {request.request_id!r} is already running")
@@ -343,7 +353,8 @@ class GenerationServicer(gen_grpc.GenerationServicer):
     async def Tokenize(
         self, request: gen_pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> gen_pb.TokenizeResponse:
-        return gen_pb.TokenizeResponse(token_ids=prompt_ids_of(self.core.tokenizer, request))
+        ids = await self.core.off_loop(prompt_ids_of, self.core.tokenizer, request)
+        return gen_pb.TokenizeResponse(token_ids=ids)
 
     async def ModelInfo(
         self, request: gen_pb.ModelInfoRequest, context: grpc.aio.ServicerContext

@@ -13,6 +13,7 @@ from engine.tokenizer import encode_prompt
 from pdmesh.v1 import generation_pb2 as gen_pb
 
 MAX_PROMPT_CHARS = 1 << 20
+MAX_MESSAGES = 4096
 MAX_REQUEST_ID_CHARS = 256
 CHAT_ROLES = ("system", "user", "assistant")
 #: Float fields that must hold a finite number when set (NaN and infinities are refused).
@@ -46,6 +47,10 @@ def prompt_ids_of(tokenizer: Any, request: Any) -> list[int]:
         if len(request.prompt) > MAX_PROMPT_CHARS:
             raise InvalidRequestError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
         return encode_prompt(tokenizer, request.prompt)
+    if len(request.messages) > MAX_MESSAGES:
+        raise InvalidRequestError(
+            f"{len(request.messages)} messages; at most {MAX_MESSAGES} are accepted"
+        )
     for index, message in enumerate(request.messages):
         if message.role not in CHAT_ROLES:
             raise InvalidRequestError(

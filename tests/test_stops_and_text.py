@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from engine.text_output import TextStream
@@ -54,3 +56,27 @@ def test_stop_token_ids_max_tokens_and_ignore_eos(smol_llm: LLM) -> None:
     assert by_id.finish_reason == "stop" and by_id.token_ids == natural.token_ids[:2]
     short = smol_llm.generate([chat], SamplingParams(max_tokens=3, temperature=0))[0]
     assert short.finish_reason == "length" and short.token_ids == natural.token_ids[:3]
+
+
+class _WindowedOnly:
+    """The tokenizer without its Rust backend: the detokenizer falls back to windows."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.decode = tokenizer.decode  # type: ignore[attr-defined]
+
+
+def test_streamed_and_windowed_detokenizers_agree_on_random_ids(smol_llm: LLM) -> None:
+    tokenizer = smol_llm.tokenizer
+    rng = random.Random(5)
+    for _ in range(150):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 30))]
+        prompt = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(0, 8))]
+        split = rng.randrange(len(ids) + 1)  # one delta of several tokens, then one by one
+        texts = []
+        for source in (tokenizer, _WindowedOnly(tokenizer)):
+            detok = IncrementalDetokenizer.after_prompt(source, prompt, skip_special_tokens=True)
+            pieces = [detok.add(ids[:split])] + [detok.add([t]) for t in ids[split:]]
+            texts.append("".join(pieces) + detok.flush())
+        assert texts[0] == texts[1]
+        if not prompt:  # (a prompt's tail can end inside a character the output completes)
+            assert texts[0] == tokenizer.decode(ids, skip_special_tokens=True)

@@ -78,22 +78,23 @@ def test_unsplittable_heads_are_rejected_clearly() -> None:
         LLM(EngineConfig(device="cpu", tensor_parallel_size=2))
 
 
-@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(3, 1), (1, 3)])
-def test_hand_off_across_tp_sizes(prefill_tp: int, decode_tp: int, smol_llm: LLM) -> None:
+def test_default_model_hands_off_from_tp3_to_tp1(smol_llm: LLM) -> None:
+    # The other direction and other sizes run on the tiny model below (a 3-rank decode of
+    # the real model costs minutes on a 2-core machine).
     harness = MeshThread(
         MeshConfig(
             engine=EngineConfig(device="cpu"),
             gateway_port=0,
             num_prefill=1,
             num_decode=1,
-            prefill_tp=prefill_tp,
-            decode_tp=decode_tp,
+            prefill_tp=3,
+            decode_tp=1,
         )
     )
     try:
-        expected = smol_llm.generate(PROMPTS[:4], SamplingParams(max_tokens=24, temperature=0))
-        for prompt, want in zip(PROMPTS[:4], expected, strict=True):
-            got = generate(harness.stub, to_request(prompt, max_tokens=24, temperature=0))
+        expected = smol_llm.generate(PROMPTS[:2], SamplingParams(max_tokens=16, temperature=0))
+        for prompt, want in zip(PROMPTS[:2], expected, strict=True):
+            got = generate(harness.stub, to_request(prompt, max_tokens=16, temperature=0))
             assert list(got.token_ids) == want.token_ids
         harness.wait_idle()
         assert harness.is_idle()

@@ -166,8 +166,9 @@ class EngineCore:
     def _abort(self, abort: Abort) -> None:
         seq = self.engine.requests.get(abort.request_id)
         if not self.engine.abort(abort.request_id) or seq is None:
-            if abort.abandoned:
-                self.engine.release_pins(abort.request_id)
+            # Finished here already (a prefill handed off just before its abort came): the
+            # pins it left for the decode worker are not needed now the gateway is done.
+            self.engine.release_pins(abort.request_id)
             return
         num_prompt = len(seq.prompt_token_ids)
         self.pending.append(
@@ -202,10 +203,25 @@ class EngineCore:
         now = time.monotonic()
         if not self.pending and not self._num_seqs and now - self._last_report < LOAD_EVERY_S:
             return
-        batch = StepBatch(self.pending, self.load(), self._num_seqs, self._chunk_tokens, self.lost)
+        batch = StepBatch(
+            self.pending, self.load(), self._num_seqs, self._chunk_tokens, self.lost,
+            self._metrics_text(now),
+        )  # fmt: skip
         self.events.send(self.codec.encoder.encode(batch), copy=False)
         self.pending, self._num_seqs, self._chunk_tokens = [], 0, []
         self._last_report = now
+
+    def _metrics_text(self, now: float) -> str | None:
+        """The store traffic counters, now and then, and always once the engine runs dry
+        (so a scrape after the last request ends sees all of its traffic)."""
+        if self.metrics is None:
+            return None
+        if now - self._last_metrics < METRICS_EVERY_S and self.engine.has_unfinished:
+            return None
+        from prometheus_client import generate_latest
+
+        self._last_metrics = now
+        return generate_latest(self.metrics).decode()
 
     def load(self) -> LoadStats:
         scheduler = self.engine.scheduler

@@ -33,22 +33,29 @@ def to_request(prompt: str | list[dict[str, str]], **kwargs: object) -> gen_pb.G
     return request
 
 
-@pytest.fixture(scope="module", params=["embedded", "redis"])
-def mesh(request: pytest.FixtureRequest) -> Iterator[MeshThread]:
-    """2 prefill + 2 decode workers sharing the embedded store or a real redis-server."""
-    redis, store = start_redis() if request.param == "redis" else (None, "embedded")
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[MeshThread]:
+    """2 prefill + 2 decode workers sharing the embedded store."""
     config = MeshConfig(
-        engine=EngineConfig(device="cpu"),
-        gateway_port=0,
-        num_prefill=2,
-        num_decode=2,
-        store=store,
+        engine=EngineConfig(device="cpu"), gateway_port=0, num_prefill=2, num_decode=2
     )
     harness = MeshThread(config)
     yield harness
     harness.close()
-    if redis is not None:
-        stop_redis(redis)
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def any_store_mesh(request: pytest.FixtureRequest, mesh: MeshThread) -> Iterator[MeshThread]:
+    """The shared mesh, or one prefill and one decode worker on a real redis-server."""
+    if request.param == "embedded":
+        yield mesh
+        return
+    redis, store = start_redis()
+    config = MeshConfig(engine=EngineConfig(device="cpu"), gateway_port=0, store=store)
+    harness = MeshThread(config)
+    yield harness
+    harness.close()
+    stop_redis(redis)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +68,9 @@ def references(smol_llm: LLM, hf_smol: torch.nn.Module) -> tuple[list[Any], dict
 
 
 def test_greedy_outputs_match_engine_and_hugging_face(
-    mesh: MeshThread, references: tuple[list[Any], dict[int, list[int]]]
+    any_store_mesh: MeshThread, references: tuple[list[Any], dict[int, list[int]]]
 ) -> None:
+    mesh = any_store_mesh
     expected, hf_outputs = references
     results: dict[int, gen_pb.GenerateResponse] = {}
 
@@ -190,3 +198,48 @@ def test_abort_while_waiting_for_prefill_ends_at_once(mesh: MeshThread) -> None:
     assert pieces[-1].usage.completion_tokens == 0
     mesh.wait_idle()
     assert mesh.is_idle()
+
+
+def test_a_client_that_stops_reading_slows_no_one_and_loses_nothing(
+    mesh: MeshThread, smol_llm: LLM
+) -> None:
+    prompt = "List the planets of the solar system:"
+    want = smol_llm.generate([prompt], SamplingParams(max_tokens=48, temperature=0))[0]
+    stalled = mesh.stub.Generate(to_request(prompt, max_tokens=48, temperature=0), timeout=300)
+    first = next(stalled)  # running; now it is not read while others come and go
+    others = [
+        generate(mesh.stub, to_request(prompt, max_tokens=48, temperature=0)) for _ in range(3)
+    ]
+    assert all(list(o.token_ids) == want.token_ids for o in others)
+    pieces = [first, *stalled]
+    assert [t for p in pieces for t in p.token_ids] == want.token_ids
+    assert "".join(p.text for p in pieces) == want.text
+    mesh.wait_idle()
+    assert mesh.is_idle()
+
+
+def test_a_huge_prompt_being_tokenized_stalls_no_stream(mesh: MeshThread) -> None:
+    request = to_request("Count to one hundred:", max_tokens=300, ignore_eos=True)
+    stream = mesh.stub.Generate(request, timeout=300)
+    next(stream)
+    arrivals: list[float] = []
+
+    def read() -> None:
+        try:
+            for _ in stream:
+                arrivals.append(time.monotonic())
+        except grpc.RpcError as error:  # cancelled below, once the prompt is tokenized
+            assert error.code() == grpc.StatusCode.CANCELLED
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    huge = " ".join(f"word{i} lorem ipsum" for i in range(45_000))  # nearly 1 MB of text
+    started = time.monotonic()
+    tokens = mesh.stub.Tokenize(gen_pb.TokenizeRequest(prompt=huge), timeout=120)
+    ended = time.monotonic()
+    stream.cancel()
+    reader.join()
+    assert len(tokens.token_ids) > 100_000
+    during = [t for t in arrivals if started < t < ended]
+    assert len(during) >= 3, f"{len(during)} tokens streamed in {ended - started:.1f} s"
+    mesh.wait_idle()

@@ -45,16 +45,17 @@ def rendered_length(tokenizer: Any, messages: list[dict[str, str]]) -> int:
     return len(ids)
 
 
-@pytest.fixture(scope="module", params=["embedded", "redis"])
-def mesh(request: pytest.FixtureRequest) -> Iterator[MeshThread]:
-    redis, store = start_redis() if request.param == "redis" else (None, "embedded")
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[MeshThread]:
+    """On a real redis-server (the embedded store's prefix reuse is covered end to end in
+    test_mesh_e2e)."""
+    redis, store = start_redis()
     harness = MeshThread(MeshConfig(engine=EngineConfig(device="cpu"), gateway_port=0, store=store))
     try:
         yield harness
     finally:
         harness.close()
-        if redis is not None:
-            stop_redis(redis)
+        stop_redis(redis)
 
 
 def test_five_turn_chat_reuses_every_previous_turn(

@@ -141,7 +141,7 @@ def mesh_channel(mesh: Running, root: Path, client: Issued | None) -> grpc.Chann
 
 
 def test_startup_reports_protection_without_secrets(mesh: Running) -> None:
-    line = mesh.up.wait_for(r"pdmesh: gateway: .*").group(0)
+    line = mesh.up.wait_for(r"pdmesh: gateway: .*; workers: .*").group(0)
     assert "1 API key(s) required, TLS" in line
     assert "mesh secret configured, mutual TLS" in line
 

@@ -3,7 +3,7 @@ of random lengths and randomly cancel, abort or time some out. Every token any c
 received is a prefix of the reference computed once by the engine; afterwards no block or
 pin is left and the process's memory has not grown beyond a bound.
 
-PDMESH_SOAK_SECONDS (default 60) sets the load phase's length."""
+PDMESH_SOAK_SECONDS (default 30) sets the load phase's length."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pdmesh.v1 import generation_pb2 as gen_pb
 from tests.mesh.harness import MeshThread
 from tests.mesh.reliability.common import MAX_IN_FLIGHT, assert_serving_and_idle
 
-SOAK_SECONDS = float(os.environ.get("PDMESH_SOAK_SECONDS", "60"))
+SOAK_SECONDS = float(os.environ.get("PDMESH_SOAK_SECONDS", "30"))
 NUM_CLIENTS = MAX_IN_FLIGHT - 2  # below the gateway's limit: refusals would be a bug here
 MAX_NEW_TOKENS = 20
 #: RSS may grow this much between the end of warm-up and the end (allocator slack, caches).
