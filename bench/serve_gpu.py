@@ -153,7 +153,7 @@ def stop(processes: list[subprocess.Popen[bytes]]) -> None:
 def served(address: str, batch: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     command = [*CLI, "bench", "serve", "--target", address, "--concurrency", str(batch)]
     command += ["--num-requests", str(batch), "--input-len", str(args.input_len)]
-    command += ["--output-len", str(args.output_len), "--warmup", "4"]
+    command += ["--output-len", str(args.output_len), "--warmup", str(batch)]  # a full wave
     command += ["--clients", str(args.clients), "--no-progress", "--out", str(out)]
     subprocess.run(command, check=True, timeout=900)
     run = json.loads(out.read_text())["runs"][0]

@@ -33,6 +33,7 @@ from gateway.openai_choices import run_choices
 from gateway.openai_output import Choice, Envelope, TokenText
 from gateway.openai_schema import FieldError, OpenAIRequest, parse_chat, parse_completion
 from gateway.service import GatewayCore
+from pdmesh.request_ids import check_request_id, loggable
 from pdmesh.request_log import HEADER, current_request_id, log_call
 from pdmesh.rpc import status_for
 from pdmesh.v1 import generation_pb2 as gen_pb
@@ -85,6 +86,15 @@ def error_body(error: HTTPError) -> dict[str, Any]:
             "code": error.code,
         }
     }
+
+
+def _caller(request: Request) -> str:
+    """Who is calling: the API key presented, else the connection."""
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return f"key:{token.strip()}"
+    client = request.client
+    return f"peer:{client.host}:{client.port}" if client else "peer:unknown"
 
 
 def error_response(error: BaseException) -> JSONResponse:
@@ -208,9 +218,13 @@ class OpenAIFrontEnd:
     async def _generation(
         self, request: Request, parse: Callable[[Any], OpenAIRequest], method: str
     ) -> Response:
-        call = Call(self.core, method, request.headers.get(HEADER) or uuid.uuid4().hex)
+        chosen = request.headers.get(HEADER)
+        call = Call(self.core, method, loggable(chosen) or uuid.uuid4().hex)
         try:
             self._authorize(request)
+            if chosen is not None:  # a client's own id lives in its caller's namespace
+                check_request_id(chosen, HEADER)
+                call.owner = _caller(request)
             parsed = parse(await self._body(request))
             self._check_model(parsed.model)
             timeout = self._timeout(request)
@@ -269,6 +283,8 @@ class Call:
     def __init__(self, core: GatewayCore, method: str, request_id: str) -> None:
         self.method = method
         self.request_id = request_id
+        #: Whose namespace the id lives in ("": the gateway made it).
+        self.owner = ""
         self.metrics = core.metrics
         current_request_id.set(request_id)  # its logs and its calls to workers carry it
         self.started = (
@@ -344,7 +360,7 @@ class GenerationResponse(Response):
     async def _whole(self, send: Send) -> None:
         choices = self._choices()
         async for index, piece in run_choices(
-            self.core, self.envelope.request, self.call.request_id
+            self.core, self.envelope.request, self.call.request_id, self.call.owner
         ):
             choices[index].add(piece)
             _check_finished(piece)
@@ -352,7 +368,7 @@ class GenerationResponse(Response):
 
     async def _stream(self, send: Send) -> None:
         envelope, choices = self.envelope, self._choices()
-        pieces = run_choices(self.core, envelope.request, self.call.request_id)
+        pieces = run_choices(self.core, envelope.request, self.call.request_id, self.call.owner)
         opened = [False] * len(choices)
         async for index, piece in pieces:
             _check_finished(piece)

@@ -24,10 +24,11 @@ async def _pump(
     index: int,
     queue: asyncio.Queue[Item],
     started: asyncio.Event | None,
+    owner: str,
 ) -> None:
     """Relays one choice into ``queue``; None marks its end, an exception its failure."""
     try:
-        async for piece in core.generate(message):
+        async for piece in core.generate(message, owner):
             if started is not None:
                 started.set()
             queue.put_nowait((index, piece))
@@ -38,19 +39,20 @@ async def _pump(
 
 
 async def run_choices(
-    core: GatewayCore, request: OpenAIRequest, request_id: str
+    core: GatewayCore, request: OpenAIRequest, request_id: str, owner: str = ""
 ) -> AsyncIterator[tuple[int, gen_pb.GenerateResponse]]:
     """Every choice's pieces as they come. Leaving early (a client gone, an error, a
-    deadline) ends every choice, which frees its blocks and pins."""
+    deadline) ends every choice, which frees its blocks and pins. ``owner``: whose id
+    ``request_id`` is (see GatewayCore.generate)."""
     if request.n == 1:  # the common case: no tasks, no queue
-        async for piece in core.generate(choice_message(request, request_id, 0)):
+        async for piece in core.generate(choice_message(request, request_id, 0), owner):
             yield 0, piece
         return
     queue: asyncio.Queue[Item] = asyncio.Queue()
     first_out = asyncio.Event()
     tasks = [
         asyncio.create_task(
-            _pump(core, choice_message(request, request_id, 0), 0, queue, first_out)
+            _pump(core, choice_message(request, request_id, 0), 0, queue, first_out, owner)
         )
     ]
 
@@ -58,7 +60,7 @@ async def run_choices(
         await first_out.wait()
         for index in range(1, request.n):
             message = choice_message(request, request_id, index)
-            tasks.append(asyncio.create_task(_pump(core, message, index, queue, None)))
+            tasks.append(asyncio.create_task(_pump(core, message, index, queue, None, owner)))
 
     launcher = asyncio.create_task(start_the_rest())
     try:

@@ -7,6 +7,7 @@ validate -> prefill worker (first token, KV to the store) -> decode worker (stre
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +27,9 @@ from gateway.validation import ValidRequest, prompt_ids_of, validate
 from kvstore.base import KVStore
 from kvstore.block_hash import hash_full_blocks
 from kvstore.errors import KVStoreError
+from pdmesh.auth import presented_token
 from pdmesh.convert import sampling_to_pb
+from pdmesh.request_ids import check_request_id, namespaced, server_made_id
 from pdmesh.request_log import finish_status
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
@@ -79,6 +82,8 @@ class Running:
     aborted: bool = False
     #: The feeds the request is reading now (an Abort interrupts them).
     feeds: list[RequestFeed] = field(default_factory=list)
+    #: The id its client knows (``request.request_id`` is the mesh's, namespaced by owner).
+    public_id: str = ""
 
     def read(self, feed: RequestFeed) -> RequestFeed:
         self.feeds.append(feed)
@@ -126,26 +131,30 @@ class GatewayCore:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work, *args)
 
     async def generate(
-        self, message: gen_pb.GenerateRequest
+        self, message: gen_pb.GenerateRequest, owner: str = ""
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
-        """The one entry of every front end (the gRPC servicer, the OpenAI HTTP API)."""
+        """The one entry of every front end (the gRPC servicer, the OpenAI HTTP API).
+        ``owner`` names the caller a client-chosen id belongs to ("" for a gateway-made id;
+        see pdmesh/request_ids.py)."""
         with self.admission.admit():
-            async for response in self._generate(message):
+            async for response in self._generate(message, owner):
                 yield response
 
     async def _generate(
-        self, message: gen_pb.GenerateRequest
+        self, message: gen_pb.GenerateRequest, owner: str
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         request = await self.off_loop(
             validate, message, self.tokenizer, self.model_config.vocab_size, self.max_model_len
         )
-        if request.request_id in self.running:
-            raise InvalidRequestError(f"request id {request.request_id!r} is already running")
+        public_id = request.request_id
+        request = dataclasses.replace(request, request_id=namespaced(owner, public_id))
+        if request.request_id in self.running:  # only its owner can learn this
+            raise InvalidRequestError(f"request id {public_id!r} is already running")
         params = request.params
         text = TextStream.for_request(
             self.tokenizer, request.prompt_token_ids, params.stop, params.skip_special_tokens
         )
-        state = Running(request, text)
+        state = Running(request, text, public_id=public_id)
         self.running[request.request_id] = state
         status = "error"
         try:
@@ -213,7 +222,7 @@ class GatewayCore:
         uncached = len(prompt) - max(matched, stored) * self.block_size
         worker.remember(hashes)
         worker.routed_tokens += uncached
-        worker.recent_requests.append(state.request.request_id)
+        worker.recent_requests.append(state.public_id)
         return worker, max(uncached, 1)
 
     def _start_message(self, request: ValidRequest) -> worker_pb.StartRequest:
@@ -290,7 +299,7 @@ class GatewayCore:
         if state.text.stopped and reason == UNSPECIFIED:
             reason = gen_pb.FINISH_REASON_STOP
         response = gen_pb.GenerateResponse(
-            request_id=state.request.request_id,
+            request_id=state.public_id or state.request.request_id,
             text=delta,
             token_ids=token_ids,
             finish_reason=reason,  # type: ignore[arg-type]
@@ -315,8 +324,10 @@ class GatewayCore:
         has_path = all(any(worker.healthy for worker in pool) for pool in pools)
         return has_path and not self.admission.is_draining
 
-    def abort(self, request_id: str) -> bool:
-        state = self.running.get(request_id)
+    def abort(self, request_id: str, owner: str = "") -> bool:
+        """Ends ``owner``'s request ``request_id`` (or the gateway-made id ``request_id``);
+        another caller's request is unknown here."""
+        state = self.running.get(namespaced(owner, request_id)) or self.running.get(request_id)
         if state is None:
             return False
         state.aborted = True
@@ -332,14 +343,14 @@ class GenerationServicer(gen_grpc.GenerationServicer):
     async def Generate(
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
-        async for response in self.core.generate(request):
+        async for response in self.core.generate(request, _owner_of_id(context)):
             yield response
 
     async def GenerateUnary(
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> gen_pb.GenerateResponse:
         whole = gen_pb.GenerateResponse()
-        async for piece in self.core.generate(request):
+        async for piece in self.core.generate(request, _owner_of_id(context)):
             whole.request_id = piece.request_id
             whole.text += piece.text
             whole.token_ids.extend(piece.token_ids)
@@ -372,4 +383,22 @@ class GenerationServicer(gen_grpc.GenerationServicer):
     async def Abort(
         self, request: gen_pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> gen_pb.AbortResponse:
-        return gen_pb.AbortResponse(aborted=self.core.abort(request.request_id))
+        check_request_id(request.request_id)
+        return gen_pb.AbortResponse(aborted=self.core.abort(request.request_id, caller(context)))
+
+
+def caller(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling: the API key presented (the auth interceptor admitted it), else the
+    mutual-TLS identity, else the connection."""
+    token = presented_token(context.invocation_metadata())
+    if token:
+        return f"key:{token}"
+    names = context.auth_context().get("x509_common_name")
+    if names:
+        return f"tls:{names[0].decode(errors='replace')}"
+    return f"peer:{context.peer()}"
+
+
+def _owner_of_id(context: grpc.aio.ServicerContext) -> str:
+    """Whose namespace the call's request id lives in: nobody's for a gateway-made id."""
+    return "" if server_made_id.get() else caller(context)

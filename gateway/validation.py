@@ -10,11 +10,11 @@ from typing import Any
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import encode_prompt
+from pdmesh.request_ids import check_request_id
 from pdmesh.v1 import generation_pb2 as gen_pb
 
 MAX_PROMPT_CHARS = 1 << 20
 MAX_MESSAGES = 4096
-MAX_REQUEST_ID_CHARS = 256
 CHAT_ROLES = ("system", "user", "assistant")
 #: Float fields that must hold a finite number when set (NaN and infinities are refused).
 FLOAT_FIELDS = (
@@ -73,8 +73,8 @@ def _check_token_ids(field_name: str, token_ids: Any, vocab_size: int) -> None:
 
 def _check_fields(request: gen_pb.GenerateRequest, max_model_len: int) -> None:
     """What can be refused before the prompt is tokenized."""
-    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-        raise InvalidRequestError(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+    if request.request_id:
+        check_request_id(request.request_id)
     for name in FLOAT_FIELDS:
         value = getattr(request, name)
         if request.HasField(name) and not math.isfinite(value):

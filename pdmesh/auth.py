@@ -36,7 +36,7 @@ def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return ((AUTHORIZATION, f"Bearer {token}"),)
 
 
-def _presented_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+def presented_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
     """The bearer token of the first ``authorization`` entry: None without one, "" when it
     is not a bearer token (which then matches nothing)."""
     for key, value in metadata or ():
@@ -90,7 +90,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler
-        presented = _presented_token(details.invocation_metadata)
+        presented = presented_token(details.invocation_metadata)
         if presented is None:
             return _refusal(handler, method, f"missing {self._what} (authorization: Bearer ...)")
         if not self._is_known(presented):

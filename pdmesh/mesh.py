@@ -249,7 +249,7 @@ async def start_worker(
         metrics.watch(core)
     servicer, add = SERVICERS[role]
     calls = RequestCalls(role, servicer.METHOD, metrics)
-    add(servicer(core, calls), server.server)  # type: ignore[operator]
+    add(servicer(core, calls), server.late)  # type: ignore[operator]
     await server.set_serving()
     logger.info("%s worker serving on port %d", role, server.port)
     host = address.rsplit(":", 1)[0]
@@ -318,7 +318,7 @@ async def start_gateway(
     if metrics is not None:
         core.metrics = metrics
         metrics.watch(lambda: len(core.running), store)
-    gen_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
+    gen_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.late)  # type: ignore[arg-type]
     if http_port is not None:
         http = HTTPConfig(
             address.rsplit(":", 1)[0], http_port, served_model_name,

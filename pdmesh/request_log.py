@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from pdmesh.request_ids import loggable, server_made_id
 from pdmesh.rpc import details_interceptors, with_metadata, wrap_handler
 from pdmesh.v1 import generation_pb2 as gen_pb
 
@@ -103,6 +104,7 @@ def _request_id_of(request: Any, metadata: Any, assign: bool) -> str | None:
     header = _header(metadata)
     field_id = getattr(request, "request_id", None)
     if assign and field_id == "":  # only the public Generate calls assign
+        server_made_id.set(header is None)
         request.request_id = header or uuid.uuid4().hex
         return str(request.request_id)
     return field_id or header
@@ -138,7 +140,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _begin(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> float:
         metadata = context.invocation_metadata()
         assign = self.assign_ids and method.startswith("Generate")
-        current_request_id.set(_request_id_of(request, metadata, assign))
+        # A client's id reaches the logs only once it is known to be harmless there.
+        current_request_id.set(loggable(_request_id_of(request, metadata, assign)))
         return self.metrics.rpc_started(method) if self.metrics else time.perf_counter()
 
     def _end(

@@ -236,6 +236,29 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, _wrap_unary, _wrap_stream, parse)
 
 
+class LateHandlers(grpc.GenericRpcHandler):
+    """Handlers of services added after the server started: grpc registers methods only
+    before start, so these are served through one generic handler registered before it.
+    A generated ``add_*Servicer_to_server(servicer, late)`` takes this in place of a server;
+    until then its methods are UNIMPLEMENTED."""
+
+    def __init__(self) -> None:
+        self._handlers: list[grpc.GenericRpcHandler] = []
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        for handler in self._handlers:
+            found = handler.service(details)
+            if found is not None:
+                return found
+        return None
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        """Served through the generic handler (the server has started)."""
+
+
 class Server:
     """A grpc.aio server with health (NOT_SERVING until ``set_serving``) and reflection.
     ``interceptors`` run inside the error mapping (their domain errors become status codes
@@ -267,6 +290,9 @@ class Server:
                 ("grpc.max_send_message_length", 256 << 20),
             ],
         )
+        #: Where a service added once the server runs goes (its model loads meanwhile).
+        self.late = LateHandlers()
+        self.server.add_generic_rpc_handlers([self.late])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = service_names

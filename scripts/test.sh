@@ -20,12 +20,16 @@ failed=()
 m=tests/mesh
 light="$m/test_auth.py $m/test_compose.py $m/test_grpcurl.py $m/test_metrics.py $m/test_tls.py"
 light+=" $m/test_up_cli.py $m/test_model_families_mesh.py $m/test_worker_failure.py"
+# The first two mesh groups run two modules at a time; chaos and reliability (kills,
+# deadlines of a fraction of a second) run alone.
 named=(
-  "$light"
-  "$m/test_mesh_e2e.py $m/test_multi_turn.py $m/test_openai_api.py"
+  "$light -n 2 --dist loadfile"
+  "$m/test_mesh_e2e.py $m/test_multi_turn.py $m/test_openai_api.py -n 2 --dist loadfile"
   "$m/test_chaos.py $m/test_colocated_and_routing.py $m/test_disaggregation.py"
 )
-groups=("tests --ignore=tests/mesh" "${named[@]}")
+# The engine, kernel and store tests run in two worker processes (pytest-xdist; a module
+# stays in one): most of them are Python-bound, so two nearly halve their time on two cores.
+groups=("tests --ignore=tests/mesh -n 2 --dist loadfile" "${named[@]}")
 for file in "$m"/test_*.py; do
   [[ " ${named[*]} " == *" $file "* ]] || groups+=("$file")
 done

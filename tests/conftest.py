@@ -17,7 +17,9 @@ from engine.config import CacheConfig, EngineConfig
 from engine.llm import LLM
 from engine.model_source import default_model_path
 
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# Under pytest-xdist each worker process gets its share of the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

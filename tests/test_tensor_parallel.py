@@ -66,10 +66,10 @@ def test_tiny_models_tp_equals_tp1(kind: str, world: int, overlap: bool, tmp_pat
 
 def test_default_model_tp3_equals_tp1(smol_llm: LLM) -> None:
     # SmolLM2 has 9 query and 3 KV heads: 3 ranks divide them, 2 do not.
-    params = SamplingParams(max_tokens=32, temperature=0)
-    expected = smol_llm.generate(PROMPTS, params)
+    params = SamplingParams(max_tokens=24, temperature=0)
+    expected = smol_llm.generate(PROMPTS[:4], params)
     for llm in sharded(EngineConfig(device="cpu", tensor_parallel_size=3)):
-        got = llm.generate(PROMPTS, params)
+        got = llm.generate(PROMPTS[:4], params)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
 
 

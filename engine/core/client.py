@@ -232,6 +232,10 @@ class EngineCoreClient:
     def is_running(self, request_id: str) -> bool:
         return request_id in self._sinks
 
+    def running_ids(self) -> list[str]:
+        """The ids of the requests this core runs (for operators and tests)."""
+        return list(self._sinks)
+
     def load(self) -> LoadStats:
         """The load after the engine's last step (or its last idle report)."""
         return self._load

@@ -60,7 +60,9 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
 def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="JSON results file")
     parser.add_argument("--plot-dir", help="where PNG plots go (default: --out's folder)")
-    parser.add_argument("--warmup", type=int, default=1, help="requests sent before measuring")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="requests sent at once (4 tokens) before measuring"
+    )
     progress = parser.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None)
     progress.add_argument("--no-progress", dest="progress", action="store_false")
@@ -152,7 +154,9 @@ def run_points(
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     if args.warmup:
         warm = [dataclasses.replace(r, max_tokens=min(r.max_tokens, 4)) for r in requests]
-        asyncio.run(run_load(target, warm[: args.warmup], LoadShape(concurrency=1), progress=False))
+        # All at once: the server compiles and tunes for the batch shapes it is measured at.
+        shape = LoadShape(concurrency=args.warmup)
+        asyncio.run(run_load(target, warm[: args.warmup], shape, progress=False))
     runs = []
     for label, fields, shape in shapes(args, len(requests)):
         label = f"{name} {label}".strip()

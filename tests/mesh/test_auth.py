@@ -251,6 +251,55 @@ def test_grpcurl_with_an_api_key_header(mesh: MeshThread, grpcurl: str) -> None:
     assert "missing API key" in refused.stderr
 
 
+def test_one_key_cannot_abort_probe_or_squat_another_keys_request(mesh: MeshThread) -> None:
+    alice, bob = bearer_metadata(KEYS[0]), bearer_metadata(KEYS[1])
+    request = gen_pb.GenerateRequest(
+        prompt="Tell a story.", request_id="order-42", max_tokens=200, ignore_eos=True
+    )
+    stream = mesh.stub.Generate(request, metadata=alice, timeout=120)
+    first = next(stream)
+    assert first.request_id == "order-42"
+    # Bob's Abort of Alice's id is an unknown id; his own "order-42" neither collides with
+    # hers nor says that hers is running.
+    abort = gen_pb.AbortRequest(request_id="order-42")
+    assert not mesh.stub.Abort(abort, metadata=bob, timeout=30).aborted
+    bobs = gen_pb.GenerateRequest(prompt="Hi", request_id="order-42", max_tokens=2)
+    assert mesh.stub.GenerateUnary(bobs, metadata=bob, timeout=120).request_id == "order-42"
+    assert mesh.stub.Abort(abort, metadata=alice, timeout=30).aborted  # hers to end
+    pieces = [first, *stream]
+    assert pieces[-1].finish_reason == gen_pb.FINISH_REASON_ABORT
+    mesh.wait_idle()
+    assert mesh.is_idle()
+
+
+HOSTILE_IDS = ["x\nINFO forged line", "caf\u00e9", "esc\x1b[31m", "nul\x00", "a b", "r" * 129]
+
+
+@pytest.mark.parametrize("request_id", HOSTILE_IDS)
+def test_ids_outside_the_token_characters_are_invalid_argument(
+    mesh: MeshThread, request_id: str, logs: Captured
+) -> None:
+    key = bearer_metadata(KEYS[0])
+    request = gen_pb.GenerateRequest(prompt="Hi", max_tokens=2, request_id=request_id)
+    for call in (mesh.stub.GenerateUnary, lambda r, **kw: list(mesh.stub.Generate(r, **kw))):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, metadata=key, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request_id" in (info.value.details() or "")
+    with pytest.raises(grpc.RpcError) as aborted:
+        mesh.stub.Abort(gen_pb.AbortRequest(request_id=request_id), metadata=key, timeout=30)
+    assert aborted.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not any(request_id in line for line in logs.lines), "the id reached a log line"
+
+
+def test_a_header_id_outside_the_token_characters_is_invalid_argument(mesh: MeshThread) -> None:
+    metadata = (*bearer_metadata(KEYS[0]), ("x-request-id", "two words"))
+    with pytest.raises(grpc.RpcError) as info:
+        mesh.stub.GenerateUnary(PROMPT, metadata=metadata, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert mesh.stub.GenerateUnary(PROMPT, metadata=bearer_metadata(KEYS[0]), timeout=120).text
+
+
 def test_no_key_or_secret_in_the_logs(mesh: MeshThread, logs: Captured) -> None:
     """Runs after the tests above (file order): their refused and served calls, and the
     mesh's start-up, are all in the log."""

@@ -53,7 +53,10 @@ class ChaosMesh:
         return next(w for w in core.router.workers if w.address.endswith(address.split(":")[1]))
 
     def holds(self, index: int, request_id: str) -> bool:
-        return self.harness.mesh.workers[index].engine.is_running(request_id)
+        """Whether worker ``index`` runs the client's ``request_id`` (workers know it in its
+        caller's namespace: "<caller tag>-<id>")."""
+        running = self.harness.mesh.workers[index].engine.running_ids()
+        return any(r.split("-", 1)[-1] == request_id for r in running)
 
     def restart(self, index: int) -> None:
         """A fresh worker on the old address; the gateway must take it back by itself."""

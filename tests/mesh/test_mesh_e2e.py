@@ -35,10 +35,9 @@ def to_request(prompt: str | list[dict[str, str]], **kwargs: object) -> gen_pb.G
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[MeshThread]:
-    """2 prefill + 2 decode workers sharing the embedded store."""
-    config = MeshConfig(
-        engine=EngineConfig(device="cpu"), gateway_port=0, num_prefill=2, num_decode=2
-    )
+    """A prefill and a decode worker sharing the embedded store (routing over several
+    workers: test_colocated_and_routing, test_chaos)."""
+    config = MeshConfig(engine=EngineConfig(device="cpu"), gateway_port=0)
     harness = MeshThread(config)
     yield harness
     harness.close()
@@ -164,7 +163,7 @@ def test_tokenize_and_model_info(mesh: MeshThread, smol_llm: LLM) -> None:
     tokens = mesh.stub.Tokenize(gen_pb.TokenizeRequest(prompt="Hello world"))
     assert list(tokens.token_ids) == smol_llm.encode("Hello world")
     info = mesh.stub.ModelInfo(gen_pb.ModelInfoRequest())
-    assert info.num_prefill_workers == 2 and info.num_decode_workers == 2
+    assert info.num_prefill_workers == 1 and info.num_decode_workers == 1
     assert info.block_size == 16 and info.vocab_size == 49152
 
 

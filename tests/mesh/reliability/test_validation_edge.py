@@ -69,7 +69,7 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
         "stop_token_ids[0] = 1000000",
     ),
     "unknown chat role": ({"messages": ROBOT}, "messages[0].role is 'robot'"),
-    "long request id": ({**HI, "request_id": "x" * 300}, "request_id is longer than 256"),
+    "long request id": ({**HI, "request_id": "x" * 300}, "request_id is longer than 128"),
     "oversized message": (
         {"prompt": "a" * (MAX_REQUEST_BYTES + 16)},
         f"more than this server's limit of {MAX_REQUEST_BYTES} (max_request_bytes)",
