@@ -20,10 +20,10 @@ failed=()
 m=tests/mesh
 light="$m/test_auth.py $m/test_compose.py $m/test_grpcurl.py $m/test_metrics.py $m/test_tls.py"
 light+=" $m/test_up_cli.py $m/test_model_families_mesh.py $m/test_worker_failure.py"
-# The first two mesh groups run two modules at a time; chaos and reliability (kills,
-# deadlines of a fraction of a second) run alone.
+# The end-to-end group runs two modules at a time; the others (many small meshes; kills and
+# deadlines of a fraction of a second) one at a time.
 named=(
-  "$light -n 2 --dist loadfile"
+  "$light"
   "$m/test_mesh_e2e.py $m/test_multi_turn.py $m/test_openai_api.py -n 2 --dist loadfile"
   "$m/test_chaos.py $m/test_colocated_and_routing.py $m/test_disaggregation.py"
 )

@@ -56,7 +56,7 @@ class ChaosMesh:
         """Whether worker ``index`` runs the client's ``request_id`` (workers know it in its
         caller's namespace: "<caller tag>-<id>")."""
         running = self.harness.mesh.workers[index].engine.running_ids()
-        return any(r.split("-", 1)[-1] == request_id for r in running)
+        return any(r == request_id or r.endswith(f"-{request_id}") for r in running)
 
     def restart(self, index: int) -> None:
         """A fresh worker on the old address; the gateway must take it back by itself."""

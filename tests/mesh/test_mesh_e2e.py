@@ -77,12 +77,14 @@ def test_greedy_outputs_match_engine_and_hugging_face(
         request = to_request(PROMPTS[index], max_tokens=NEW_TOKENS, temperature=0)
         results[index] = generate(mesh.stub, request)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    # Every prompt on the default store; on redis the first four (both HF-checked ones).
+    count = len(PROMPTS) if mesh.mesh.config.store == "embedded" else 4
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    for index, want in enumerate(expected):
+    for index, want in enumerate(expected[:count]):
         got = results[index]
         assert list(got.token_ids) == want.token_ids, PROMPTS[index]
         assert got.text == want.text
