@@ -33,7 +33,8 @@ from gateway.openai_choices import run_choices
 from gateway.openai_output import Choice, Envelope, TokenText
 from gateway.openai_schema import FieldError, OpenAIRequest, parse_chat, parse_completion
 from gateway.service import GatewayCore
-from pdmesh.request_ids import check_request_id, loggable
+from pdmesh.auth import bearer_token
+from pdmesh.request_ids import caller_name, check_request_id, loggable
 from pdmesh.request_log import HEADER, current_request_id, log_call
 from pdmesh.rpc import status_for
 from pdmesh.v1 import generation_pb2 as gen_pb
@@ -89,12 +90,10 @@ def error_body(error: HTTPError) -> dict[str, Any]:
 
 
 def _caller(request: Request) -> str:
-    """Who is calling: the API key presented, else the connection."""
-    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return f"key:{token.strip()}"
+    """Who is calling (``caller_name``; HTTP has no mutual-TLS identity here)."""
     client = request.client
-    return f"peer:{client.host}:{client.port}" if client else "peer:unknown"
+    peer = f"{client.host}:{client.port}" if client else "unknown"
+    return caller_name(bearer_token(request.headers.get("authorization") or ""), None, peer)
 
 
 def error_response(error: BaseException) -> JSONResponse:
@@ -159,8 +158,7 @@ class OpenAIFrontEnd:
                 401, "authentication_error", "invalid_api_key",
                 "missing API key (Authorization: Bearer ...)",
             )  # fmt: skip
-        scheme, _, token = header.partition(" ")
-        candidate = token.strip().encode() if scheme.lower() == "bearer" else b""
+        candidate = bearer_token(header).encode()
         # Every key compared in constant time, as the gRPC port does.
         if not any([hmac.compare_digest(candidate, key) for key in self._keys]):
             raise HTTPError(401, "authentication_error", "invalid_api_key", "invalid API key")

@@ -29,7 +29,7 @@ from kvstore.block_hash import hash_full_blocks
 from kvstore.errors import KVStoreError
 from pdmesh.auth import presented_token
 from pdmesh.convert import sampling_to_pb
-from pdmesh.request_ids import check_request_id, namespaced, server_made_id
+from pdmesh.request_ids import caller_name, check_request_id, namespaced, server_made_id
 from pdmesh.request_log import finish_status
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
@@ -76,14 +76,14 @@ class Running:
 
     request: ValidRequest
     text: TextStream
+    #: The id its client knows (``request.request_id`` is the mesh's, namespaced by owner).
+    public_id: str
     clock: RequestClock = field(default_factory=RequestClock)
     cached_tokens: int = 0
     num_completion_tokens: int = 0
     aborted: bool = False
     #: The feeds the request is reading now (an Abort interrupts them).
     feeds: list[RequestFeed] = field(default_factory=list)
-    #: The id its client knows (``request.request_id`` is the mesh's, namespaced by owner).
-    public_id: str = ""
 
     def read(self, feed: RequestFeed) -> RequestFeed:
         self.feeds.append(feed)
@@ -154,7 +154,7 @@ class GatewayCore:
         text = TextStream.for_request(
             self.tokenizer, request.prompt_token_ids, params.stop, params.skip_special_tokens
         )
-        state = Running(request, text, public_id=public_id)
+        state = Running(request, text, public_id)
         self.running[request.request_id] = state
         status = "error"
         try:
@@ -299,7 +299,7 @@ class GatewayCore:
         if state.text.stopped and reason == UNSPECIFIED:
             reason = gen_pb.FINISH_REASON_STOP
         response = gen_pb.GenerateResponse(
-            request_id=state.public_id or state.request.request_id,
+            request_id=state.public_id,
             text=delta,
             token_ids=token_ids,
             finish_reason=reason,  # type: ignore[arg-type]
@@ -388,15 +388,10 @@ class GenerationServicer(gen_grpc.GenerationServicer):
 
 
 def caller(context: grpc.aio.ServicerContext) -> str:
-    """Who is calling: the API key presented (the auth interceptor admitted it), else the
-    mutual-TLS identity, else the connection."""
-    token = presented_token(context.invocation_metadata())
-    if token:
-        return f"key:{token}"
+    """Who is calling (``caller_name``)."""
     names = context.auth_context().get("x509_common_name")
-    if names:
-        return f"tls:{names[0].decode(errors='replace')}"
-    return f"peer:{context.peer()}"
+    identity = names[0].decode(errors="replace") if names else None
+    return caller_name(presented_token(context.invocation_metadata()), identity, context.peer())
 
 
 def _owner_of_id(context: grpc.aio.ServicerContext) -> str:

@@ -41,9 +41,15 @@ def presented_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
     is not a bearer token (which then matches nothing)."""
     for key, value in metadata or ():
         if key == AUTHORIZATION:
-            is_bearer = isinstance(value, str) and value[: len(BEARER)].lower() == BEARER
-            return value[len(BEARER) :].strip() if is_bearer else ""
+            return bearer_token(value if isinstance(value, str) else "")
     return None
+
+
+def bearer_token(authorization: str) -> str:
+    """The token of an ``authorization`` value ("Bearer TOKEN", any case); "" when it is not
+    a bearer token (which then matches nothing)."""
+    is_bearer = authorization[: len(BEARER)].lower() == BEARER
+    return authorization[len(BEARER) :].strip() if is_bearer else ""
 
 
 def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.RpcMethodHandler:

@@ -48,6 +48,16 @@ def loggable(value: str | None) -> str | None:
     return INVALID_ID
 
 
+def caller_name(token: str | None, identity: str | None, peer: str) -> str:
+    """Who is calling, for the namespace of its ids: the API key it presented (the auth
+    check admitted it), else its mutual-TLS identity, else its connection."""
+    if token:
+        return f"key:{token}"
+    if identity:
+        return f"tls:{identity}"
+    return f"peer:{peer}"
+
+
 def namespaced(owner: str, request_id: str) -> str:
     """The mesh-internal id of ``owner``'s ``request_id`` ("" owner: a gateway-made id)."""
     if not owner:
