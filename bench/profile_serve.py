@@ -80,7 +80,11 @@ def main() -> None:
         spy = ["py-spy", "record", "--subprocesses", "--nonblocking", "--function"]
         spy += ["--duration", str(int(args.seconds)), "--rate", "200", "--format", "raw"]
         recorders = [
-            subprocess.Popen([*spy, "--pid", str(s.pid), "--output", str(out / f"spy-{i}.txt")])
+            subprocess.Popen(
+                [*spy, "--pid", str(s.pid), "--output", str(out / f"spy-{i}.txt")],
+                stdout=open(out / f"spy-{i}.log", "wb"),  # noqa: SIM115 - py-spy's own messages
+                stderr=subprocess.STDOUT,
+            )
             for i, s in enumerate(services)
         ]
         for recorder in recorders:
@@ -91,6 +95,7 @@ def main() -> None:
     report = []
     for i in range(len(services)):
         raw = out / f"spy-{i}.txt"
+        report.append((out / f"spy-{i}.log").read_text(errors="replace")[-2000:])
         if raw.exists():
             report.append(summarize(raw, args.top))
     served = json.loads((out / "served.json").read_text())["runs"][0]

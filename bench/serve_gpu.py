@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 
 from bench.common import environment, write_json
+from bench.proc_cpu import PeakSampler
 
 LAYOUTS = {
     "a_up_colocated": ["up", "--colocated"],
@@ -150,14 +151,23 @@ def stop(processes: list[subprocess.Popen[bytes]]) -> None:
             process.kill()
 
 
-def served(address: str, batch: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def served(
+    address: str, batch: int, args: argparse.Namespace, out: Path,
+    services: list[subprocess.Popen[bytes]],
+) -> dict[str, Any]:  # fmt: skip
+    """One closed-loop run at concurrency ``batch``; with each service process's busiest
+    second of CPU (which one is the bottleneck). The load generator's are recorded apart:
+    its busiest second is usually its own start-up."""
     command = [*CLI, "bench", "serve", "--target", address, "--concurrency", str(batch)]
     command += ["--num-requests", str(batch), "--input-len", str(args.input_len)]
     command += ["--output-len", str(args.output_len), "--warmup", str(batch)]  # a full wave
     command += ["--clients", str(args.clients), "--no-progress", "--out", str(out)]
-    subprocess.run(command, check=True, timeout=900)
-    run = json.loads(out.read_text())["runs"][0]
-    return {k: v for k, v in run.items() if k != "requests"}
+    generator = subprocess.Popen(command)
+    with PeakSampler([s.pid for s in services]) as mesh, PeakSampler([generator.pid]) as load:
+        if generator.wait(timeout=900):
+            raise RuntimeError(f"bench serve exited with {generator.returncode}")
+    run = {k: v for k, v in json.loads(out.read_text())["runs"][0].items() if k != "requests"}
+    return {**run, "service_cpu_peaks": mesh.peaks(), "load_cpu_peaks": load.peaks()[:4]}
 
 
 def layout_rows(
@@ -172,7 +182,8 @@ def layout_rows(
     try:
         wait_ready(f"127.0.0.1:{args.port}", processes, 600)
         for batch in args.batches:
-            run = served(f"127.0.0.1:{args.port}", batch, args, work / f"{layout}_{batch}.json")
+            address = f"127.0.0.1:{args.port}"
+            run = served(address, batch, args, work / f"{layout}_{batch}.json", processes)
             offline_row = engine.get(batch, {})
             offline_tps = offline_row.get("tokens_per_s")
             step_ms = offline_row.get("wall_s", 0) * 1e3 / args.output_len
@@ -181,7 +192,8 @@ def layout_rows(
                 "offline_tok_s": offline_tps, "engine_ms_per_step": step_ms,
                 "ratio": run["output_token_throughput"] / offline_tps if offline_tps else None,
                 "ttft_ms": run["ttft_ms"], "tpot_ms": run["tpot_ms"], "completed": run["completed"],
-                "errors": run.get("errors", {}),
+                "errors": run.get("errors", {}), "service_cpu_peaks": run["service_cpu_peaks"],
+                "load_cpu_peaks": run["load_cpu_peaks"],
             }  # fmt: skip
             print(json.dumps(row), flush=True)
             rows.append(row)

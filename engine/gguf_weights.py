@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
+from engine.gguf_file import open_gguf
 
 # GGUF tensor name -> Hugging Face name; {i} is the layer index.
 _LAYER_NAMES = {
@@ -33,31 +33,18 @@ _GLOBAL_NAMES = {
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-@functools.lru_cache(maxsize=2)
-def _reader(path: Path) -> Any:
-    """Parsing a GGUF header with a large vocabulary takes seconds: do it once per file."""
-    from gguf import GGUFReader
-
-    return GGUFReader(str(path))
-
-
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 def gguf_model_config(path: Path) -> ModelConfig:
-    reader = _reader(path)
-    arch = _field(reader, "general.architecture")
+    fields = open_gguf(path).fields
+    arch = str(fields["general.architecture"])
 
     def meta(key: str, default: Any = None) -> Any:
-        return _field(reader, f"{arch}.{key}", default)
+        return fields.get(f"{arch}.{key}", default)
 
     heads = meta("attention.head_count")
     hidden = meta("embedding_length")
-    tensor_names = {t.name for t in reader.tensors}
-    vocab = meta("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    tensor_names = {t.name for t in open_gguf(path).tensors}
+    vocab = meta("vocab_size") or len(fields["tokenizer.ggml.tokens"])
+    eos = fields.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
         architecture=arch,
         vocab_size=vocab,
@@ -73,7 +60,7 @@ def gguf_model_config(path: Path) -> ModelConfig:
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         sliding_window=meta("attention.sliding_window"),
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
     )
 
@@ -100,9 +87,8 @@ def iter_gguf_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, to
     """Yields (hf_name, float32 tensor) for every tensor, dequantized."""
     from gguf import dequantize
 
-    reader = _reader(path)
     llama_rope = config.architecture in ("llama", "mistral")
-    for tensor in reader.tensors:
+    for tensor in open_gguf(path).tensors:
         weight = dequantize(tensor.data, tensor.tensor_type)
         name = hf_name(tensor.name)
         if llama_rope and ".attn_q." in tensor.name:

@@ -105,7 +105,7 @@ def _block_rows(
     return expert, pairs, pairs < num_pairs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _gate_up_kernel(
     x_ptr: tl.tensor,
     w13_ptr: tl.tensor,
@@ -168,7 +168,7 @@ def _gate_up_kernel(
     tl.store(out_ptrs, (act * up).to(dtype), mask=row_valid[:, None] & col_valid[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(
     act_ptr: tl.tensor,
     w2_ptr: tl.tensor,

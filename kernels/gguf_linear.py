@@ -90,7 +90,7 @@ def _dequant_tile(q, d, m, KIND: tl.constexpr):  # type: ignore[no-untyped-def]
     return d * lo + m, d * hi + m
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_m"])
 def _gguf_gemm_kernel(
     x_ptr: tl.tensor,
     q_ptr: tl.tensor,

@@ -161,6 +161,10 @@ _LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)
 _MAX_SPLITS = 64
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension
+# Integers that change from step to step (the batch's sequence count, the block table's
+# width). Triton would otherwise compile a variant per value class (== 1, a multiple of 16,
+# other) the first time each turns up, a stall of a second or more in the middle of serving.
+_PER_STEP_PREFILL = ["num_seqs", "stride_bt"]
 
 
 @dataclass(frozen=True)
@@ -302,7 +306,7 @@ def _prefill_kv_range(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP_PREFILL)
 def _prefill_kernel(
     q_ptr: tl.tensor,
     k_cache_ptr: tl.tensor,
@@ -399,7 +403,7 @@ def _prefill_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     q_ptr: tl.tensor,
     k_cache_ptr: tl.tensor,

@@ -38,7 +38,7 @@ def quant_gemm_ref(
     return quant_gemv_ref(x, qweight, w_scale, bias, x_scale, out_dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m"])
 def _quant_gemm_kernel(
     x_ptr: tl.tensor,
     w_ptr: tl.tensor,

@@ -45,6 +45,28 @@ def test_gguf_weights_equal_hugging_face_dequantization(hf_smol: torch.nn.Module
         assert torch.equal(ours[name], reference[name]), name
 
 
+def test_gguf_index_equals_the_gguf_packages_reader() -> None:
+    """engine/gguf_file.py reads the header itself (milliseconds, not seconds): every field
+    and every tensor's bytes, type and shape are the ``gguf`` package's."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from engine.gguf_file import GGUFFile
+
+    path = default_model_path()
+    ours, theirs = GGUFFile(path), GGUFReader(str(path))
+    keys = {key for key in theirs.fields if not key.startswith("GGUF.")}  # its header copies
+    assert set(ours.fields) == keys
+    for key in keys:
+        assert ours.fields[key] == pytest.approx(theirs.fields[key].contents()), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, reference in zip(ours.tensors, theirs.tensors, strict=True):
+        assert mine.tensor_type == reference.tensor_type
+        assert mine.shape == tuple(reference.shape.tolist())
+        assert mine.data.dtype == reference.data.dtype
+        assert np.array_equal(mine.data, reference.data), mine.name
+
+
 def test_unpermute_inverts_the_llama_cpp_permutation() -> None:
     heads, head_dim, cols = 3, 8, 5
     weight = torch.arange(heads * head_dim * cols, dtype=torch.float32).reshape(-1, cols).numpy()
