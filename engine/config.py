@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+#: Threads of a CPU engine core (``pdmesh up`` gives each worker its share of the cores).
+CPU_THREADS_ENV = "PDMESH_CPU_THREADS"
 SUPPORTED_ARCHITECTURES = (
     "llama",
     "mistral",

@@ -56,9 +56,11 @@ def fp8_linear(
 ) -> torch.Tensor:
     """W8A8: x quantized to fp8 per token, then (xq W^T) * x_scale * w_scale + b."""
     if not (_use_triton(x) and x.dim() == 2):
+        # CPU: fp8 values widen exactly to float32 and the BLAS accumulates in float32, the
+        # product torch._scaled_mm computes (whose CPU version is about 30x slower).
         xq, x_scale = quant.per_token_fp8_ref(x.reshape(-1, x.shape[-1]))
-        out_dtype = x.dtype if x.dtype == torch.float32 else torch.bfloat16
-        y = qgemm.fp8_scaled_mm(xq, x_scale, qweight, w_scale, bias, out_dtype)
+        y = F.linear(xq.float(), qweight.float()) * x_scale * w_scale.view(1, -1)
+        y = y if bias is None else y + bias.float()
         return y.to(x.dtype).view(*x.shape[:-1], -1)
     xq, x_scale = quant.per_token_fp8(x)
     if x.shape[0] == 1:

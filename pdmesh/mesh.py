@@ -10,12 +10,13 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import os
 import subprocess
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from decode_svc.service import ColocatedServicer, DecodeServicer
-from engine.config import EngineConfig
+from engine.config import CPU_THREADS_ENV, EngineConfig
 from engine.core.client import EngineCoreClient
 from engine.engine import cache_namespace
 from engine.model_source import load_model_config, resolve_model
@@ -116,8 +117,12 @@ class MeshConfig:
             index = seen[role] = seen.get(role, -1) + 1
             devices.append(None if not pool else pool[index % len(pool)])
         share = self.engine.cache.gpu_memory_utilization
+        # CPU engines split the cores: each using all of them, they would thrash each other.
+        threads = None
+        if self.engine.device == "cpu":
+            threads = max(1, (os.cpu_count() or 1) // len(devices))
         return [
-            Placement(device, share / devices.count(device), devices.count(device) > 1)
+            Placement(device, share / devices.count(device), devices.count(device) > 1, threads)
             for device in devices
         ]
 
@@ -129,9 +134,14 @@ class Placement:
     device: int | None
     gpu_memory_utilization: float
     shared: bool
+    #: CPU engines: the worker's share of this host's cores (None: not a CPU engine).
+    cpu_threads: int | None = None
 
     def env(self) -> dict[str, str]:
-        return {} if self.device is None else {"CUDA_VISIBLE_DEVICES": str(self.device)}
+        env = {} if self.device is None else {"CUDA_VISIBLE_DEVICES": str(self.device)}
+        if self.cpu_threads is not None and CPU_THREADS_ENV not in os.environ:
+            env[CPU_THREADS_ENV] = str(self.cpu_threads)
+        return env
 
     def engine(self, config: EngineConfig, tp: int) -> EngineConfig:
         cache = dataclasses.replace(

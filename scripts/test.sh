@@ -7,6 +7,11 @@ bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/mypy engine kernels kvstore bench gateway pdmesh prefill_svc decode_svc
 
+# Hugging Face reference answers computed by one test process are reused by the others of
+# this run (tests/conftest.py's hf_greedy), never by another run.
+PDMESH_TEST_HF_CACHE=$(mktemp -d)
+export PDMESH_TEST_HF_CACHE
+trap 'rm -rf "$PDMESH_TEST_HF_CACHE"' EXIT
 pytest_run() { .venv/bin/python -m pytest -q -p no:cacheprovider "$@"; }
 if [ "$#" -gt 0 ]; then
   pytest_run "$@"

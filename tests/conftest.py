@@ -3,7 +3,10 @@ random models saved with transformers."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -13,13 +16,15 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from engine.config import CacheConfig, EngineConfig
+from engine.config import CPU_THREADS_ENV, CacheConfig, EngineConfig
 from engine.llm import LLM
 from engine.model_source import default_model_path
 
 # Under pytest-xdist each worker process gets its share of the cores.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // _WORKERS)))
+if _WORKERS > 1:  # the engine cores of meshes started by two test processes at once
+    os.environ.setdefault(CPU_THREADS_ENV, "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -53,7 +58,16 @@ def hf_smol() -> torch.nn.Module:
 
 
 def hf_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """New token ids from Hugging Face ``generate`` (greedy, one prompt, no padding)."""
+    """New token ids from Hugging Face ``generate`` (greedy, one prompt, no padding).
+
+    Within one run of scripts/test.sh (``PDMESH_TEST_HF_CACHE`` names a directory made for
+    that run and removed after it) an answer computed by one test process is reused by the
+    others: the same model (name and a checksum of its weights) and prompt give the same
+    greedy tokens, and the first n of a longer answer are the answer for n."""
+    key = _hf_key(model, prompt_ids)
+    cached = _hf_cached(key, max_new_tokens)
+    if cached is not None:
+        return cached
     ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
         out = model.generate(  # type: ignore[operator]
@@ -63,4 +77,39 @@ def hf_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int
             do_sample=False,
             pad_token_id=model.generation_config.eos_token_id,
         )
-    return out[0, len(prompt_ids) :].tolist()
+    tokens: list[int] = out[0, len(prompt_ids) :].tolist()
+    _hf_store(key, max_new_tokens, tokens)
+    return tokens
+
+
+def _hf_key(model: torch.nn.Module, prompt_ids: list[int]) -> str | None:
+    if not os.environ.get("PDMESH_TEST_HF_CACHE"):
+        return None
+    with torch.inference_mode():
+        checksum = sum(float(p.double().sum()) for p in list(model.parameters())[:4])
+    name = getattr(model.config, "_name_or_path", "")
+    return hashlib.sha256(f"{name}|{checksum!r}|{prompt_ids}".encode()).hexdigest()
+
+
+def _hf_cached(key: str | None, max_new_tokens: int) -> list[int] | None:
+    if key is None:
+        return None
+    path = Path(os.environ["PDMESH_TEST_HF_CACHE"]) / f"{key}.json"
+    if not path.exists():
+        return None
+    entry = json.loads(path.read_text())
+    tokens: list[int] = entry["tokens"]
+    if entry["max_new_tokens"] >= max_new_tokens:
+        return tokens[:max_new_tokens]
+    if len(tokens) < entry["max_new_tokens"]:  # it ended (EOS) before its limit
+        return tokens
+    return None
+
+
+def _hf_store(key: str | None, max_new_tokens: int, tokens: list[int]) -> None:
+    if key is None:
+        return
+    path = Path(os.environ["PDMESH_TEST_HF_CACHE"]) / f"{key}.json"
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps({"max_new_tokens": max_new_tokens, "tokens": tokens}))
+    temporary.replace(path)  # atomic: another test process never reads half a file

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import torch
 import zmq
 
-from engine.config import EngineConfig
+from engine.config import CPU_THREADS_ENV, EngineConfig
 from engine.core.messages import (
     Abort,
     Add,
@@ -312,6 +313,8 @@ def _exit_with_parent() -> None:
 def main() -> None:
     """``python -m engine.core.process SPEC_JSON``: the child process's entry point."""
     spec = msgspec.json.decode(sys.argv[1], type=CoreSpec)
+    if os.environ.get(CPU_THREADS_ENV):
+        torch.set_num_threads(int(os.environ[CPU_THREADS_ENV]))
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     run_core(spec)
     logging.shutdown()
