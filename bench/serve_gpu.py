@@ -75,6 +75,7 @@ def smollm2_config() -> Any:
 def engine_flags(model: str | None, batch: int, args: argparse.Namespace) -> list[str]:
     flags = ["--device", args.device, "--max-num-seqs", str(batch), "--max-model-len", "512"]
     flags += ["--max-num-batched-tokens", str(args.batched_tokens)]
+    flags += ["--gateway-processes", str(getattr(args, "gateway_processes", 1))]
     return flags + (["--model", model, "--load-format", "dummy"] if model else [])
 
 
@@ -212,6 +213,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--batched-tokens", type=int, default=8192)
     parser.add_argument("--clients", type=int, default=8, help="load-generator processes")
+    parser.add_argument(
+        "--gateway-processes", type=int, default=4, help="gateway processes on the one port"
+    )
     parser.add_argument("--port", type=int, default=56100)
     parser.add_argument("--work-dir", help="logs and per-run JSON (default: a temp dir)")
     parser.add_argument("--out")

@@ -120,6 +120,9 @@ class HTTPConfig:
     api_keys: frozenset[str] = frozenset()
     #: Largest request body; larger ones get 413 (the gRPC port's limit).
     max_request_bytes: int = 4 << 20
+    #: Several gateway processes share the port (SO_REUSEPORT; the kernel spreads the
+    #: connections). Off, a port already taken fails at start.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

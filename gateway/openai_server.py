@@ -38,7 +38,11 @@ class OpenAIServer:
         """Listens (a taken port fails here, at once) and returns the bound port."""
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
         try:
-            sock = socket.create_server((self.config.host, self.config.port), family=family)
+            sock = socket.create_server(
+                (self.config.host, self.config.port),
+                family=family,
+                reuse_port=self.config.reuse_port,
+            )
         except OSError as error:
             where = f"{self.config.host}:{self.config.port}"
             raise OSError(f"gateway: cannot serve HTTP on {where}: {error}") from None

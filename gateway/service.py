@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -124,6 +124,8 @@ class GatewayCore:
         #: The OpenAI HTTP front end serving this core, when there is one (its stop comes
         #: after the drain).
         self.http: Any = None
+        #: The link to sibling gateway processes of this port (gateway/peers.py), if any.
+        self.peers: Any = None
         self._tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, "pdmesh-tokenize")
 
     async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
@@ -337,8 +339,14 @@ class GatewayCore:
 
 
 class GenerationServicer(gen_grpc.GenerationServicer):
-    def __init__(self, core: GatewayCore) -> None:
+    def __init__(
+        self,
+        core: GatewayCore,
+        ask_siblings: Callable[[str, str], Awaitable[bool]] | None = None,
+    ) -> None:
         self.core = core
+        #: Gateway processes sharing this port: an Abort unknown here is asked of them.
+        self.ask_siblings = ask_siblings
 
     async def Generate(
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -384,7 +392,11 @@ class GenerationServicer(gen_grpc.GenerationServicer):
         self, request: gen_pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> gen_pb.AbortResponse:
         check_request_id(request.request_id)
-        return gen_pb.AbortResponse(aborted=self.core.abort(request.request_id, caller(context)))
+        owner = caller(context)
+        aborted = self.core.abort(request.request_id, owner)
+        if not aborted and self.ask_siblings is not None:
+            aborted = await self.ask_siblings(request.request_id, owner)
+        return gen_pb.AbortResponse(aborted=aborted)
 
 
 def caller(context: grpc.aio.ServicerContext) -> str:

@@ -13,8 +13,10 @@ import dataclasses
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from pdmesh.mesh import MeshConfig, service_metrics_port, warn_shared_devices
 from pdmesh.security import SecurityConfig
 from pdmesh.services import (
     CHILD_COMMAND,
+    HTTP_LISTENING,
     LISTENING,
     ServiceSpec,
     describe_gateway,
@@ -47,6 +50,8 @@ class Child:
     role: str
     process: subprocess.Popen[bytes]
     address: str = ""
+    #: A gateway's OpenAI HTTP port, once it reported it.
+    http_port: int | None = None
 
     def wait_listening(self, deadline: float) -> str:
         """Reads the child's output until it says where it listens (it serves from then)."""
@@ -60,6 +65,8 @@ class Child:
                 self.address = line.rsplit(LISTENING, 1)[1].strip()
                 self._relay()
                 return self.address
+            if HTTP_LISTENING in line:
+                self.http_port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
             sys.stdout.write(f"[{self.name}] {line}")
         raise ServiceExited(f"{self.name} did not serve in {START_TIMEOUT_S:.0f} s")
 
@@ -100,12 +107,16 @@ class LocalCluster:
         self.store = config.store
         self._redis: subprocess.Popen[bytes] | None = None
         self.workers: list[Child] = []
-        self.gateway: Child | None = None
+        self.gateways = GatewayGroup(self._describe_gateway())
+
+    @property
+    def gateway(self) -> Child | None:
+        """The first gateway process (the others serve the same ports)."""
+        return self.gateways.children[0] if self.gateways.children else None
 
     @property
     def gateway_address(self) -> str:
-        assert self.gateway is not None
-        return self.gateway.address
+        return self.gateways.address
 
     def start(self) -> None:
         try:
@@ -135,20 +146,19 @@ class LocalCluster:
         for worker in self.workers:  # they load their models at the same time
             worker.wait_listening(deadline)
         gateway = dataclasses.replace(
-            self._spec(
-                "gateway",
-                config.engine,
-                f"{config.host}:{config.gateway_port}",
-                service_metrics_port(config.metrics_port, 0),
-            ),
+            self._spec("gateway", config.engine, f"{config.host}:{config.gateway_port}", None),
             prefill=self._addresses("prefill"),
             decode=self._addresses("decode"),
             colocated=self._addresses("colocated"),
             http_port=config.http_port,
             served_model_name=config.served_model_name,
         )
-        self.gateway = self._launch("gateway", gateway, {})
-        self.gateway.wait_listening(deadline)
+        # Gateway 0 has the first metrics port, the workers the next ones, then the others.
+        ports = [service_metrics_port(config.metrics_port, 0)] + [
+            service_metrics_port(config.metrics_port, len(self.workers) + i)
+            for i in range(1, config.gateway_processes)
+        ]
+        self.gateways.start(gateway, ports, deadline)
 
     def _addresses(self, role: str) -> tuple[str, ...]:
         return tuple(w.address for w in self.workers if w.role == role)
@@ -169,34 +179,21 @@ class LocalCluster:
         )
 
     def _launch(self, name: str, spec: ServiceSpec, env: dict[str, str]) -> Child:
-        process = subprocess.Popen(
-            [sys.executable, *CHILD_COMMAND],
-            stdin=subprocess.PIPE,  # the spec, then held open: its end stops the child
-            stdout=subprocess.PIPE,
-            env={**os.environ, **env},
-            start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop them in order
-        )
-        assert process.stdin is not None
-        process.stdin.write(pickle.dumps((spec, self._describe(spec))))
-        process.stdin.flush()
-        return Child(name, spec.role, process)
+        describe = describe_workers(self.security, self.config.security.mesh_secret is None)
+        return launch_child(name, spec, describe, env)
 
-    def _describe(self, spec: ServiceSpec) -> str:
-        if spec.role == "gateway":
-            return describe_gateway(self.security)
-        return describe_workers(self.security, self.config.security.mesh_secret is None)
+    def _describe_gateway(self) -> str:
+        return describe_gateway(self.security)
 
     def exited(self) -> Child | None:
         """A service that is no longer running, if any."""
-        children = [*self.workers, *([self.gateway] if self.gateway else [])]
+        children = [*self.workers, *self.gateways.children]
         return next((c for c in children if c.process.poll() is not None), None)
 
     def stop(self) -> None:
-        """Drains the gateway (its running requests finish), then stops the workers."""
+        """Drains the gateways (their running requests finish), then stops the workers."""
         timeout = self.config.limits.drain_timeout_s + 30
-        if self.gateway is not None:
-            self.gateway.terminate()
-            self.gateway.join(timeout)
+        self.gateways.stop(timeout)
         for worker in self.workers:
             worker.terminate()
         for worker in self.workers:
@@ -204,3 +201,92 @@ class LocalCluster:
         if self._redis is not None:
             stop_redis(self._redis)
             self._redis = None
+
+
+def launch_child(name: str, spec: ServiceSpec, describe: str, env: dict[str, str]) -> Child:
+    """``spec``'s service in a process of its own (``pdmesh.services.main``)."""
+    process = subprocess.Popen(
+        [sys.executable, *CHILD_COMMAND],
+        stdin=subprocess.PIPE,  # the spec, then held open: its end stops the child
+        stdout=subprocess.PIPE,
+        env={**os.environ, **env},
+        start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop them in order
+    )
+    assert process.stdin is not None
+    process.stdin.write(pickle.dumps((spec, describe)))
+    process.stdin.flush()
+    return Child(name, spec.role, process)
+
+
+class GatewayGroup:
+    """One gateway, or several processes sharing its gRPC and HTTP ports (SO_REUSEPORT: the
+    kernel spreads connections over them). One event loop streams about 20k tokens/s; more
+    processes scale the gateway with the host's cores. Each gets its share of
+    ``max_in_flight`` and a /metrics port of its own."""
+
+    def __init__(self, describe: str) -> None:
+        self.describe = describe
+        self.children: list[Child] = []
+        #: The private sockets the processes ask each other for Aborts on (mode 0700).
+        self._peer_dir: str | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.children, "not started"
+        return self.children[0].address
+
+    def start(self, spec: ServiceSpec, metrics_ports: list[int | None], deadline: float) -> None:
+        """Starts ``len(metrics_ports)`` gateways; the first picks the ports (0: free ones),
+        the others bind the same."""
+        count = len(metrics_ports)
+        share = -(-spec.limits.max_in_flight // count)
+        spec = dataclasses.replace(
+            spec,
+            reuse_port=count > 1,
+            limits=dataclasses.replace(spec.limits, max_in_flight=share),
+        )
+        peers = self._peer_addresses(count)
+        first = self._launch(0, self._own(spec, 0, peers, metrics_ports))
+        first.wait_listening(deadline)
+        if count == 1:
+            return
+        host = spec.address.rsplit(":", 1)[0]
+        port = first.address.rsplit(":", 1)[1]
+        shared = dataclasses.replace(spec, address=f"{host}:{port}", http_port=first.http_port)
+        for index in range(1, count):
+            self._launch(index, self._own(shared, index, peers, metrics_ports))
+        for child in self.children[1:]:
+            child.wait_listening(deadline)
+
+    def _peer_addresses(self, count: int) -> list[str]:
+        if count == 1:
+            return []
+        self._peer_dir = tempfile.mkdtemp(prefix="pdmesh-gateways-")
+        return [f"unix:{self._peer_dir}/gateway-{index}.sock" for index in range(count)]
+
+    @staticmethod
+    def _own(
+        spec: ServiceSpec, index: int, peers: list[str], metrics_ports: list[int | None]
+    ) -> ServiceSpec:
+        """Gateway ``index``'s spec: its metrics port, its socket, its siblings'."""
+        return dataclasses.replace(
+            spec,
+            metrics_port=metrics_ports[index],
+            peer_address=peers[index] if peers else None,
+            siblings=tuple(peers[:index] + peers[index + 1 :]),
+        )
+
+    def _launch(self, index: int, spec: ServiceSpec) -> Child:
+        name = "gateway" if index == 0 else f"gateway-{index}"
+        child = launch_child(name, spec, self.describe, {})
+        self.children.append(child)
+        return child
+
+    def stop(self, timeout_s: float) -> None:
+        for child in self.children:  # all drain at once
+            child.terminate()
+        for child in self.children:
+            child.join(timeout_s)
+        if self._peer_dir is not None:
+            shutil.rmtree(self._peer_dir, ignore_errors=True)
+            self._peer_dir = None

@@ -8,12 +8,13 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from engine.config import EngineConfig
 from kvstore.local_redis import start_redis, stop_redis
-from pdmesh.cluster import LocalCluster
+from pdmesh.cluster import START_TIMEOUT_S, GatewayGroup, LocalCluster
 from pdmesh.limits import ServingLimits
-from pdmesh.mesh import MeshConfig
+from pdmesh.mesh import MeshConfig, service_metrics_port
 from pdmesh.request_log import configure_logging
 from pdmesh.security import SecurityConfig
 from pdmesh.services import ServiceSpec, describe_gateway, describe_workers, serve
@@ -85,6 +86,7 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
         decode_devices=args.decode_devices,
         http_port=resolve_http_port(args.http_port, args.port),
         served_model_name=args.served_model_name,
+        gateway_processes=args.gateway_processes,
     )
     configure_logging(args.log_format)
     cluster = LocalCluster(config, args.log_format)
@@ -103,7 +105,7 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
             print(f"pdmesh: {worker.role} worker on {worker.address}", flush=True)
         print(
             f"pdmesh: gateway listening on {cluster.gateway_address} (store: {config.store}, "
-            f"{len(cluster.workers) + 1} service processes)",
+            f"{len(cluster.workers) + config.gateway_processes} service processes)",
             flush=True,
         )
         while not stopping.wait(0.5):
@@ -162,5 +164,28 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig, security: Security
         served_model_name=args.served_model_name,
     )
     is_gateway = args.role == "gateway"
+    if is_gateway and args.gateway_processes > 1:
+        return _serve_gateways(spec, args.gateway_processes)
     serve(spec, describe_gateway(security) if is_gateway else describe_workers(security, False))
     return 0
+
+
+def _serve_gateways(spec: ServiceSpec, count: int) -> int:
+    """``serve gateway --gateway-processes N``: N gateway processes on the spec's ports,
+    children of this one, until a signal (or one of them exits)."""
+    configure_logging(spec.log_format)
+    group = GatewayGroup(describe_gateway(spec.security))
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    ports = [service_metrics_port(spec.metrics_port, index) for index in range(count)]
+    try:
+        group.start(spec, ports, time.monotonic() + START_TIMEOUT_S)
+        print(f"pdmesh: {count} gateway processes listening on {group.address}", flush=True)
+        while not stopping.wait(0.5):
+            if any(child.process.poll() is not None for child in group.children):
+                print("pdmesh: a gateway process exited; stopping", file=sys.stderr, flush=True)
+                return 1
+        return 0
+    finally:
+        group.stop(spec.limits.drain_timeout_s + 30)

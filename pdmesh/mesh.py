@@ -24,6 +24,7 @@ from engine.tokenizer import load_tokenizer
 from gateway.admission import Admission
 from gateway.openai_api import HTTPConfig
 from gateway.openai_server import OpenAIServer
+from gateway.peers import PeerLink
 from gateway.router import Router
 from gateway.service import GatewayCore, GenerationServicer
 from kvstore.base import KVStore
@@ -90,8 +91,13 @@ class MeshConfig:
     http_port: int | None = None
     #: The model name of the HTTP API (None: the model's file or directory name).
     served_model_name: str | None = None
+    #: Gateway processes sharing the gateway's ports (``pdmesh up`` only; the in-process
+    #: Mesh of tests runs one). Each streams about 20k tokens/s before its loop saturates.
+    gateway_processes: int = 1
 
     def __post_init__(self) -> None:
+        if self.gateway_processes < 1:
+            raise ValueError(f"gateway_processes must be at least 1, got {self.gateway_processes}")
         if self.num_prefill < 1 or (self.num_decode < 1 and not self.colocated):
             raise ValueError("a mesh needs at least one prefill and one decode worker")
         if not 0 <= self.gateway_port < 65536:
@@ -280,6 +286,9 @@ async def start_gateway(
     limits: ServingLimits | None = None,
     http_port: int | None = None,
     served_model_name: str | None = None,
+    reuse_port: bool = False,
+    peer_address: str | None = None,
+    siblings: tuple[str, ...] = (),
 ) -> tuple[Server, GatewayCore]:
     """The gateway: API keys (if any) on its port, the mesh secret on its calls to workers.
     ``metrics_port``: serve /metrics there (0: a free port; None: no metrics); the metrics
@@ -299,6 +308,7 @@ async def start_gateway(
         security.public_server_credentials(),
         outer_interceptors=[ServiceInterceptor("gateway", metrics, True)],
         max_request_bytes=limits.max_request_bytes,
+        reuse_port=reuse_port,
     )
     await server.start()
     if metrics is not None:
@@ -328,11 +338,16 @@ async def start_gateway(
     if metrics is not None:
         core.metrics = metrics
         metrics.watch(lambda: len(core.running), store)
-    gen_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.late)  # type: ignore[arg-type]
+    ask_siblings = None
+    if peer_address is not None:  # one of several gateway processes on this port
+        core.peers = await PeerLink.start(core, peer_address, siblings)
+        ask_siblings = core.peers.siblings.abort
+    servicer = GenerationServicer(core, ask_siblings)
+    gen_grpc.add_GenerationServicer_to_server(servicer, server.late)  # type: ignore[arg-type]
     if http_port is not None:
         http = HTTPConfig(
             address.rsplit(":", 1)[0], http_port, served_model_name,
-            security.api_keys, limits.max_request_bytes,
+            security.api_keys, limits.max_request_bytes, reuse_port,
         )  # fmt: skip
         core.http = OpenAIServer(core, http)
         await core.http.start()

@@ -277,6 +277,7 @@ class Server:
         credentials: grpc.ServerCredentials | None = None,
         outer_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         max_request_bytes: int | None = None,
+        reuse_port: bool = False,
     ) -> None:
         receive_limit = 256 << 20 if max_request_bytes is None else 2 * max_request_bytes
         self.server = grpc.aio.server(
@@ -288,6 +289,9 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", receive_limit),
                 ("grpc.max_send_message_length", 256 << 20),
+                # gRPC shares ports by default; only gateway processes meant to share one
+                # do (``--gateway-processes``), so a port already taken fails at start.
+                ("grpc.so_reuseport", int(reuse_port)),
             ],
         )
         #: Where a service added once the server runs goes (its model loads meanwhile).

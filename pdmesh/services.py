@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 #: What a service prints once it serves; a launcher reads the address from it.
 LISTENING = "listening on "
+#: What a gateway prints before it, with its HTTP API's address.
+HTTP_LISTENING = "OpenAI API on http://"
 #: How a launcher starts one (not ``-m pdmesh.services``: the spec it unpickles must be this
 #: module's class, not a copy in ``__main__``).
 CHILD_COMMAND = ("-c", "from pdmesh.services import main; main()")
@@ -60,6 +62,11 @@ class ServiceSpec:
     #: The gateway's OpenAI HTTP API port (0: a free one; None: off) and model name.
     http_port: int | None = None
     served_model_name: str | None = None
+    #: The gateway shares its ports with other gateway processes (``--gateway-processes``);
+    #: it listens for them on ``peer_address`` and asks ``siblings`` (gateway/peers.py).
+    reuse_port: bool = False
+    peer_address: str | None = None
+    siblings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -89,13 +96,18 @@ async def start_service(spec: ServiceSpec) -> RunningService:
             limits=spec.limits,
             http_port=spec.http_port,
             served_model_name=spec.served_model_name,
+            reuse_port=spec.reuse_port,
+            peer_address=spec.peer_address,
+            siblings=spec.siblings,
         )
         if core.http is not None:
-            print(f"pdmesh: OpenAI API on http://{host}:{core.http.port}/v1", flush=True)
+            print(f"pdmesh: {HTTP_LISTENING}{host}:{core.http.port}/v1", flush=True)
 
         async def stop_gateway() -> None:
             await drain_gateway(server, core, spec.limits.drain_timeout_s)
             await server.stop()
+            if core.peers is not None:
+                await core.peers.close()
             await core.router.close()
             _close(core.metrics, store)
 

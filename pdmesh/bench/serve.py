@@ -55,6 +55,9 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="HOST:PORT of a running gateway (default: start one)")
     add_engine_args(parser.add_argument_group("started mesh's engines"))  # type: ignore[arg-type]
     parser.add_argument("--store", default="embedded", help="started mesh's KV store")
+    parser.add_argument(
+        "--gateway-processes", type=int, default=1, help="started mesh's gateway processes"
+    )
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +110,7 @@ def mesh_config(args: argparse.Namespace, mode: str, prefill: int, decode: int) 
         num_decode=decode if mode == "disaggregated" else 0,
         colocated=mode == "colocated",
         store=args.store,
+        gateway_processes=args.gateway_processes,
     )
 
 
