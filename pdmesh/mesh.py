@@ -310,7 +310,11 @@ async def start_gateway(
         max_request_bytes=limits.max_request_bytes,
         reuse_port=reuse_port,
     )
-    await server.start()
+    # Alone, the gateway listens at once (health answers NOT_SERVING while it loads). One of
+    # several on a shared port listens only when ready: the kernel hands connections to any
+    # listening process, and one still loading would answer them UNIMPLEMENTED.
+    if not reuse_port:
+        await server.start()
     if metrics is not None:
         store = metrics.metered(store)
     source = resolve_model(config.model)
@@ -351,6 +355,8 @@ async def start_gateway(
         )  # fmt: skip
         core.http = OpenAIServer(core, http)
         await core.http.start()
+    if reuse_port:
+        await server.start()
     await server.set_serving()
     logger.info("gateway serving on port %d", server.port)
     return server, core
