@@ -111,7 +111,7 @@ def main() -> None:
     processes = start_mesh(model, args, work / "mesh.log")
     rows, runs = [], []
     try:
-        wait_ready(f"127.0.0.1:{args.port}", processes, 900)
+        wait_ready(f"127.0.0.1:{args.port}", processes, 900, work / "mesh.log")
         args.vocab_size = model_vocab(args.port)
         warm = [dataclasses.replace(r, max_tokens=4) for r in workload(args, 4)]
         for protocol in ("grpc", "http"):

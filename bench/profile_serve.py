@@ -70,7 +70,7 @@ def main() -> None:
         args.layout, engine_flags(model, args.batch, args), args.port, out / "services.log"
     )
     try:
-        wait_ready(address, services, 600)
+        wait_ready(address, services, 600, out / "services.log")
         load = [*CLI, "bench", "serve", "--target", address, "--concurrency", str(args.batch)]
         load += ["--num-requests", str(4 * args.batch), "--input-len", str(args.input_len)]
         load += ["--output-len", str(args.output_len), "--warmup", "4", "--no-progress"]

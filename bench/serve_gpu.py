@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,7 +126,14 @@ def _secret_file(secret: str) -> str:
     return handle.name
 
 
-def wait_ready(address: str, processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
+#: What the launcher prints once every gateway process serves (``up``, ``serve gateway``).
+READY = re.compile(r"gateway (processes )?listening on")
+
+
+def wait_ready(
+    address: str, processes: list[subprocess.Popen[bytes]], timeout: float, log: Path
+) -> None:
+    """Until the launcher says every gateway process serves and ModelInfo answers."""
     from pdmesh.v1 import generation_pb2 as gen_pb
     from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 
@@ -133,6 +141,9 @@ def wait_ready(address: str, processes: list[subprocess.Popen[bytes]], timeout: 
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in processes):
             raise RuntimeError("a service exited while starting (see the log)")
+        if not READY.search(log.read_text(errors="replace")):
+            time.sleep(1)
+            continue
         try:
             with grpc.insecure_channel(address) as channel:
                 gen_grpc.GenerationStub(channel).ModelInfo(gen_pb.ModelInfoRequest(), timeout=2)
@@ -181,7 +192,7 @@ def layout_rows(
     )
     rows = []
     try:
-        wait_ready(f"127.0.0.1:{args.port}", processes, 600)
+        wait_ready(f"127.0.0.1:{args.port}", processes, 600, work / f"{layout}.log")
         for batch in args.batches:
             address = f"127.0.0.1:{args.port}"
             run = served(address, batch, args, work / f"{layout}_{batch}.json", processes)

@@ -301,19 +301,22 @@ async def start_gateway(
 
         metrics = GatewayMetrics("gateway", store)
         metrics.serve(metrics_port, address.rsplit(":", 1)[0])
-    server = Server(
-        address,
-        [GATEWAY_SERVICE],
-        gateway_interceptors(security),
-        security.public_server_credentials(),
-        outer_interceptors=[ServiceInterceptor("gateway", metrics, True)],
-        max_request_bytes=limits.max_request_bytes,
-        reuse_port=reuse_port,
-    )
+    def listen() -> Server:
+        return Server(
+            address,
+            [GATEWAY_SERVICE],
+            gateway_interceptors(security),
+            security.public_server_credentials(),
+            outer_interceptors=[ServiceInterceptor("gateway", metrics, True)],
+            max_request_bytes=limits.max_request_bytes,
+            reuse_port=reuse_port,
+        )
+
     # Alone, the gateway listens at once (health answers NOT_SERVING while it loads). One of
-    # several on a shared port listens only when ready: the kernel hands connections to any
-    # listening process, and one still loading would answer them UNIMPLEMENTED.
-    if not reuse_port:
+    # several on a shared port binds it only when ready: the kernel hands connections to any
+    # process bound there, and one still loading would keep them waiting or refuse them.
+    server = None if reuse_port else listen()
+    if server is not None:
         await server.start()
     if metrics is not None:
         store = metrics.metered(store)
@@ -347,6 +350,9 @@ async def start_gateway(
         core.peers = await PeerLink.start(core, peer_address, siblings)
         ask_siblings = core.peers.siblings.abort
     servicer = GenerationServicer(core, ask_siblings)
+    if server is None:
+        server = listen()
+        await server.start()
     gen_grpc.add_GenerationServicer_to_server(servicer, server.late)  # type: ignore[arg-type]
     if http_port is not None:
         http = HTTPConfig(
@@ -355,8 +361,6 @@ async def start_gateway(
         )  # fmt: skip
         core.http = OpenAIServer(core, http)
         await core.http.start()
-    if reuse_port:
-        await server.start()
     await server.set_serving()
     logger.info("gateway serving on port %d", server.port)
     return server, core
