@@ -126,6 +126,10 @@ class GatewayCore:
         self.http: Any = None
         #: The link to sibling gateway processes of this port (gateway/peers.py), if any.
         self.peers: Any = None
+        #: Whether the KV store answers (gateway/store_watch.py keeps it current).
+        self.store_available = True
+        #: What ``close`` stops besides the router (the store watch, the sibling link).
+        self.closers: list[Callable[[], Awaitable[None]]] = []
         self._tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, "pdmesh-tokenize")
 
     async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
@@ -324,7 +328,13 @@ class GatewayCore:
         router = self.router
         pools = [router.colocated] if router.is_colocated else [router.prefill, router.decode]
         has_path = all(any(worker.healthy for worker in pool) for pool in pools)
-        return has_path and not self.admission.is_draining
+        return has_path and self.store_available and not self.admission.is_draining
+
+    async def close(self) -> None:
+        """After the drain: the store watch, the links to sibling gateways and workers."""
+        for close in self.closers:
+            await close()
+        await self.router.close()
 
     def abort(self, request_id: str, owner: str = "") -> bool:
         """Ends ``owner``'s request ``request_id`` (or the gateway-made id ``request_id``);

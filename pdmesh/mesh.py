@@ -27,6 +27,7 @@ from gateway.openai_server import OpenAIServer
 from gateway.peers import PeerLink
 from gateway.router import Router
 from gateway.service import GatewayCore, GenerationServicer
+from gateway.store_watch import StoreWatch
 from kvstore.base import KVStore
 from kvstore.factory import open_store
 from kvstore.local_redis import start_redis, stop_redis
@@ -348,6 +349,7 @@ async def start_gateway(
     ask_siblings = None
     if peer_address is not None:  # one of several gateway processes on this port
         core.peers = await PeerLink.start(core, peer_address, siblings)
+        core.closers.append(core.peers.close)
         ask_siblings = core.peers.siblings.abort
     servicer = GenerationServicer(core, ask_siblings)
     if server is None:
@@ -362,8 +364,24 @@ async def start_gateway(
         core.http = OpenAIServer(core, http)
         await core.http.start()
     await server.set_serving()
+    watch_store(server, core)
     logger.info("gateway serving on port %d", server.port)
     return server, core
+
+
+def watch_store(server: Server, core: GatewayCore) -> None:
+    """Health follows the store: NOT_SERVING while it cannot be reached (and not draining);
+    the watch stops with the core."""
+
+    async def changed(available: bool) -> None:
+        core.store_available = available
+        if core.admission.is_draining:
+            return
+        await (server.set_serving() if available else server.set_not_serving())
+
+    watch = StoreWatch(core.store, changed)
+    watch.start()
+    core.closers.append(watch.close)
 
 
 class Mesh:
@@ -457,7 +475,7 @@ class Mesh:
         if self.gateway is not None:
             await self.gateway.stop()
         if self.core is not None:
-            await self.core.router.close()
+            await self.core.close()
             if self.core.metrics is not None:
                 self.core.metrics.stop()
         await asyncio.gather(*(worker.stop() for worker in self.workers))

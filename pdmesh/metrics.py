@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from kvstore.base import KVStore
+from kvstore.errors import KVStoreError
 from kvstore.metered import LATENCY_BUCKETS, MeteredStore, StoreMetrics, store_path
 
 if TYPE_CHECKING:
@@ -114,6 +115,35 @@ class LiveGauges(Collector):
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return self.collect()
+
+
+class StoreGauges(Collector):
+    """The store's occupancy at scrape time; a store that cannot be reached gives
+    ``pdmesh_kv_store_up 0`` and no occupancy (the scrape itself still answers)."""
+
+    NAMES = (
+        ("pdmesh_kv_store_blocks", "Blocks in the store", "num_blocks"),
+        ("pdmesh_kv_store_pinned_blocks", "Store blocks pinned by requests", "num_pinned_blocks"),
+        ("pdmesh_kv_store_capacity_blocks", "Store capacity", "capacity_blocks"),
+    )
+
+    def __init__(self, store: KVStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        try:
+            stats = self.store.stats()
+        except KVStoreError:
+            yield GaugeMetricFamily("pdmesh_kv_store_up", "The KV store answers", value=0)
+            return
+        yield GaugeMetricFamily("pdmesh_kv_store_up", "The KV store answers", value=1)
+        for name, help_text, field in self.NAMES:
+            yield GaugeMetricFamily(name, help_text, value=float(getattr(stats, field)))
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily("pdmesh_kv_store_up", "The KV store answers")
+        for name, help_text, _ in self.NAMES:
+            yield GaugeMetricFamily(name, help_text)
 
 
 class WorkerMetrics(ServiceMetrics):
@@ -236,9 +266,6 @@ class GatewayMetrics(ServiceMetrics):
         )
 
     def watch(self, num_running: Callable[[], int], store: KVStore) -> None:
-        def stat(name: str) -> Callable[[], float]:
-            return lambda: float(getattr(store.stats(), name))
-
         self.registry.register(
             LiveGauges(
                 [
@@ -246,21 +273,11 @@ class GatewayMetrics(ServiceMetrics):
                         "pdmesh_num_requests_running",
                         "Requests in flight at the gateway",
                         lambda: float(num_running()),
-                    ),
-                    _LiveGauge("pdmesh_kv_store_blocks", "Blocks in the store", stat("num_blocks")),
-                    _LiveGauge(
-                        "pdmesh_kv_store_pinned_blocks",
-                        "Store blocks pinned by requests",
-                        stat("num_pinned_blocks"),
-                    ),
-                    _LiveGauge(
-                        "pdmesh_kv_store_capacity_blocks",
-                        "Store capacity",
-                        stat("capacity_blocks"),
-                    ),
+                    )
                 ]
             )
         )
+        self.registry.register(StoreGauges(store))
 
     def request_finished(self, status: str, state: Any) -> None:
         """``state`` is the gateway's ``Running`` record of the request."""

@@ -106,9 +106,7 @@ async def start_service(spec: ServiceSpec) -> RunningService:
         async def stop_gateway() -> None:
             await drain_gateway(server, core, spec.limits.drain_timeout_s)
             await server.stop()
-            if core.peers is not None:
-                await core.peers.close()
-            await core.router.close()
+            await core.close()
             _close(core.metrics, store)
 
         return RunningService(f"{host}:{server.port}", stop_gateway, core.metrics)

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,7 +40,7 @@ class ChaosMesh:
         self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
         config = MeshConfig(
             engine=EngineConfig(device="cpu"), gateway_port=0, num_prefill=2, num_decode=2,
-            store=self.url,
+            store=self.url, metrics_port=0,
         )  # fmt: skip
         self.harness = MeshThread(config)
 
@@ -90,6 +91,22 @@ def _request(index: int, request_id: str) -> gen_pb.GenerateRequest:
         request_id=request_id, prompt=PROMPTS[index], max_tokens=NEW_TOKENS, temperature=0,
         ignore_eos=True,
     )  # fmt: skip
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _gateway_health(harness: MeshThread) -> Any:
+    request = health_pb2.HealthCheckRequest(service="pdmesh.v1.Generation")
+    return health_pb2_grpc.HealthStub(harness.channel).Check(request, timeout=10).status
+
+
+def _gateway_metrics(harness: MeshThread) -> str:
+    core = harness.mesh.core
+    assert core is not None and core.metrics is not None
+    url = f"http://127.0.0.1:{core.metrics.port}/metrics"
+    return urllib.request.urlopen(url, timeout=10).read().decode()  # type: ignore[no-any-return]
 
 
 def _finish(stream: Any, tokens: list[int]) -> grpc.StatusCode:
@@ -228,7 +245,14 @@ def test_redis_loss_is_unavailable_and_the_mesh_recovers(
         generate(harness.stub, _request(0, "no-redis"))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "KV store unavailable" in (info.value.details() or "")
+    # The outage is named as one: health NOT_SERVING, no worker taken out of service, and
+    # /metrics answers, with the store marked down.
+    wait_for(lambda: _gateway_health(harness) == NOT_SERVING, "the gateway turns NOT_SERVING")
+    assert all(chaos.router_worker(i).healthy for i in range(len(harness.mesh.workers)))
+    assert "pdmesh_kv_store_up 0.0" in _gateway_metrics(harness)
     chaos.redis, _ = start_redis(port=chaos.port)
+    wait_for(lambda: _gateway_health(harness) == SERVING, "the gateway serves again")
+    assert "pdmesh_kv_store_up 1.0" in _gateway_metrics(harness)
     reply = generate(harness.stub, _request(1, "redis-back"))
     assert list(reply.token_ids) == references[1]
     harness.wait_idle()
