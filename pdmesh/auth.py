@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from pdmesh.log_limits import ThrottledLog
 from pdmesh.request_log import client_interceptors
 from pdmesh.rpc import UnauthenticatedError, details_interceptors, with_metadata, wrap_handler
 from pdmesh.security import AUTHORIZATION, SecurityConfig
@@ -52,12 +53,15 @@ def bearer_token(authorization: str) -> str:
     return authorization[len(BEARER) :].strip() if is_bearer else ""
 
 
+_refusals = ThrottledLog(logger)
+
+
 def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that fails with UNAUTHENTICATED (through the
     error mapping in pdmesh.rpc, which wraps this interceptor)."""
 
     def refuse(context: grpc.aio.ServicerContext) -> UnauthenticatedError:
-        logger.warning("refused %s from %s: %s", method, context.peer(), reason)
+        _refusals.log(reason, "refused %s from %s: %s", method, context.peer(), reason)
         return UnauthenticatedError(reason)
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -49,3 +49,24 @@ def test_text_lines_show_the_request_id_and_bad_formats_are_refused(
     assert "[abc] decoding" in capsys.readouterr().err
     with pytest.raises(ValueError, match="log format"):
         configure_logging("xml")
+
+
+def test_a_flood_of_refusals_logs_one_line_per_reason_and_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from pdmesh.log_limits import ThrottledLog
+
+    now = [0.0]
+    throttled = ThrottledLog(logging.getLogger("pdmesh.test.throttle"), clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="pdmesh.test.throttle"):
+        for _ in range(500):
+            throttled.log("wrong key", "refused %s", "Generate")
+        throttled.log("missing key", "refused %s", "Abort")  # another reason: its own line
+        now[0] = 11.0
+        throttled.log("wrong key", "refused %s", "Generate")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [
+        "refused Generate",
+        "refused Abort",
+        "refused Generate (499 more like it in the last 10 s)",
+    ]

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, SchedulerConfig
 from pdmesh.limits import ServingLimits
 from pdmesh.mesh import MeshConfig
 from tests.mesh.harness import MeshThread
@@ -21,7 +21,10 @@ def shared_mesh() -> Iterator[MeshThread]:
         max_in_flight=MAX_IN_FLIGHT, max_request_bytes=MAX_REQUEST_BYTES, drain_timeout_s=5
     )
     config = MeshConfig(
-        engine=EngineConfig(device="cpu"), gateway_port=0, num_prefill=1, num_decode=1,
+        # Short prefill chunks (as the issue asks of CPU budgets): a cancelled prompt's
+        # chunk in flight is the only work it may still cost.
+        engine=EngineConfig(device="cpu", scheduler=SchedulerConfig(max_num_batched_tokens=512)),
+        gateway_port=0, num_prefill=1, num_decode=1,
         limits=limits,
     )  # fmt: skip
     harness = MeshThread(config)

@@ -4,7 +4,9 @@ and frees its blocks on every worker."""
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -74,3 +76,44 @@ def test_limits_come_from_flags_then_environment_then_defaults() -> None:
         ServingLimits.build({"max_in_flight": 0}, {})
     with pytest.raises(ValueError, match="PDMESH_MAX_WAITING='many' is not a number"):
         ServingLimits.build({}, {"PDMESH_MAX_WAITING": "many"})
+
+
+def test_a_cancelled_long_prompt_stops_at_its_chunk_in_flight(shared_mesh: MeshThread) -> None:
+    """The issue's reproduction: a prompt of several prefill chunks whose client goes away
+    while the first is computed. Its remaining chunks are dropped: besides the one in
+    flight, at most one more (started before the abort arrived) is computed."""
+    prefill = next(w for w in shared_mesh.mesh.workers if w.role == "prefill")
+    budget = prefill.engine.spec.engine.scheduler.max_num_batched_tokens
+    prompt = " ".join(f"entry {i} holds {i * 7}" for i in range(budget // 2))  # ~5 chunks
+    total = len(shared_mesh.stub.Tokenize(gen_pb.TokenizeRequest(prompt=prompt)).token_ids)
+    assert total > 3 * budget, "the prompt must span several chunks"
+    chunks: list[int] = []
+    first = threading.Event()
+
+    def observe(batch: Any) -> None:
+        chunks.extend(batch.prefill_chunk_tokens)
+        if chunks:
+            first.set()
+
+    prefill.engine.batch_observers.append(observe)
+    try:
+        stream = shared_mesh.stub.Generate(
+            gen_pb.GenerateRequest(prompt=prompt, max_tokens=4), timeout=120
+        )
+        ended: list[grpc.StatusCode] = []
+        reader = threading.Thread(target=lambda: ended.append(status_of(stream)), daemon=True)
+        reader.start()
+        assert first.wait(120), f"no prefill chunk was computed ({ended})"
+        stream.cancel()
+        reader.join(30)
+        assert ended == [grpc.StatusCode.CANCELLED]
+        _wait_for(lambda: _idle(prefill.engine))
+    finally:
+        prefill.engine.batch_observers.remove(observe)
+    assert sum(chunks) <= 2 * budget < total, chunks
+    assert_serving_and_idle(shared_mesh)
+
+
+def _idle(engine: Any) -> bool:
+    load = engine.load()
+    return bool(load.num_running + load.num_waiting == 0)
