@@ -61,7 +61,8 @@ def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.R
     error mapping in pdmesh.rpc, which wraps this interceptor)."""
 
     def refuse(context: grpc.aio.ServicerContext) -> UnauthenticatedError:
-        _refusals.log(reason, "refused %s from %s: %s", method, context.peer(), reason)
+        shown = method.encode("ascii", "backslashreplace").decode()[:200]  # client-chosen
+        _refusals.log(f"{shown} {reason}", "refused %s from %s: %s", shown, context.peer(), reason)
         return UnauthenticatedError(reason)
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
