@@ -61,7 +61,7 @@ def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.R
     error mapping in pdmesh.rpc, which wraps this interceptor)."""
 
     def refuse(context: grpc.aio.ServicerContext) -> UnauthenticatedError:
-        shown = method.encode("ascii", "backslashreplace").decode()[:200]  # client-chosen
+        shown = method.encode("unicode_escape").decode()[:200]  # client-chosen: escaped
         _refusals.log(f"{shown} {reason}", "refused %s from %s: %s", shown, context.peer(), reason)
         return UnauthenticatedError(reason)
 
