@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 LOAD_POLL_S = 0.5
 LOAD_TIMEOUT_S = 2.0
+#: Load polls in a row that may time out before a worker counts as gone: a slow answer (a
+#: busy worker or gateway) is not a dead worker; a refused connection or an out-of-service
+#: answer is, at once.
+SLOW_POLLS_TOLERATED = 3
 #: Block hashes remembered per worker for affinity (an LRU; older prefixes are forgotten).
 AFFINITY_CAPACITY = 200_000
 STUBS = {
@@ -58,12 +62,28 @@ class Worker:
     recent_requests: deque[str] = field(default_factory=lambda: deque(maxlen=256))
     #: The one stream every request routed here travels on.
     session: WorkerSession = field(init=False)
+    #: Load polls in a row that timed out.
+    slow_polls: int = 0
 
     def __post_init__(self) -> None:
         def broken() -> None:  # out of rotation until its Load answers again
             self.healthy = False
 
         self.session = WorkerSession(lambda commands: self.stub.Session(commands), broken)
+
+    def load_answered(self, report: worker_pb.LoadReport) -> None:
+        self.last_load = report
+        self.healthy = True
+        self.slow_polls = 0
+
+    def load_failed(self, code: grpc.StatusCode) -> bool:
+        """Records a failed Load poll; whether the worker is now out of rotation."""
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self.slow_polls += 1
+            if self.slow_polls < SLOW_POLLS_TOLERATED:
+                return not self.healthy
+        self.healthy = False
+        return True
 
     @property
     def free_blocks(self) -> int:
@@ -148,16 +168,15 @@ class Router:
 
     async def _refresh_one(self, worker: Worker) -> None:
         try:
-            worker.last_load = await worker.stub.Load(
-                worker_pb.LoadRequest(), timeout=LOAD_TIMEOUT_S
-            )
-            worker.healthy = True
+            report = await worker.stub.Load(worker_pb.LoadRequest(), timeout=LOAD_TIMEOUT_S)
         except grpc.aio.AioRpcError as error:
-            if worker.healthy:
+            was_healthy = worker.healthy
+            if worker.load_failed(error.code()) and was_healthy:
                 logger.warning(
                     "%s worker %s unreachable: %s", worker.role, worker.address, error.code()
                 )
-            worker.healthy = False
+            return
+        worker.load_answered(report)
 
     async def _poll(self) -> None:
         while True:
