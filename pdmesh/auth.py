@@ -72,7 +72,13 @@ def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.R
         raise refuse(context)
         yield  # an async generator, like the handler it replaces
 
-    return wrap_handler(handler, lambda _: unary, lambda _: stream)
+    # The body of a refused call is never parsed: a caller without a key learns nothing
+    # about it (not even that it would not parse).
+    return wrap_handler(handler, lambda _: unary, lambda _: stream, parse=_unread)
+
+
+def _unread(raw: bytes) -> None:
+    return None
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):

@@ -117,6 +117,26 @@ def test_gateway_refuses_missing_or_wrong_keys(
     assert ("missing API key" if credential == "missing" else "invalid API key") in details
 
 
+@pytest.mark.parametrize("credential", list(BAD_CREDENTIALS))
+def test_a_refused_call_never_has_its_body_parsed(mesh: MeshThread, credential: str) -> None:
+    """Bytes that are no GenerateRequest (a string field that is not UTF-8): with a key they
+    get INVALID_ARGUMENT naming the parse failure; without one, only UNAUTHENTICATED."""
+    garbage = b"\x0a\x02\xff\xfe"  # field 1 (request_id): 2 bytes that are not UTF-8
+    call = mesh.channel.unary_unary(
+        "/pdmesh.v1.Generation/GenerateUnary",
+        request_serializer=lambda raw: raw,
+        response_deserializer=lambda raw: raw,
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        call(garbage, metadata=BAD_CREDENTIALS[credential], timeout=30)
+    assert info.value.code() == UNAUTHENTICATED
+    assert "parse" not in (info.value.details() or "")
+    with pytest.raises(grpc.RpcError) as info:
+        call(garbage, metadata=bearer_metadata(KEYS[0]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parse" in (info.value.details() or "")
+
+
 @pytest.mark.parametrize("key", KEYS)
 def test_gateway_serves_each_valid_key(mesh: MeshThread, key: str) -> None:
     metadata = bearer_metadata(key)
