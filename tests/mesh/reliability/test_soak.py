@@ -1,7 +1,9 @@
 """A soak, bounded in time (loopback only): clients keep the mesh busy with greedy requests
 of random lengths and randomly cancel, abort or time some out. Every token any client
 received is a prefix of the reference computed once by the engine; afterwards no block or
-pin is left and the process's memory has not grown beyond a bound.
+pin is left and the process's memory has not grown beyond a bound. Meanwhile a second tenant
+on a connection of its own guesses the clients' ids (it knows their scheme): its Aborts of
+them are unknown ids, and its own requests under those ids run beside theirs.
 
 PDMESH_SOAK_SECONDS (default 30) sets the load phase's length."""
 
@@ -20,6 +22,7 @@ import psutil
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from pdmesh.v1 import generation_pb2 as gen_pb
+from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from tests.mesh.harness import MeshThread
 from tests.mesh.reliability.common import MAX_IN_FLIGHT, assert_serving_and_idle
 
@@ -76,6 +79,12 @@ class Client:
         expected = self.references[index][:max_tokens]
         if tokens != expected[: len(tokens)]:
             self.failures.append(f"{request_id}: got {tokens}, expected a prefix of {expected}")
+        if (
+            last is not None
+            and last.finish_reason == gen_pb.FINISH_REASON_ABORT
+            and (action != "abort")
+        ):
+            self.failures.append(f"{request_id}: aborted by someone else")
         is_complete = last is not None and last.finish_reason == gen_pb.FINISH_REASON_LENGTH
         if is_complete and tokens != expected:
             self.failures.append(f"{request_id}: complete output {tokens} != {expected}")
@@ -106,6 +115,37 @@ class Client:
         return tokens, last
 
 
+class Intruder:
+    """Another tenant (its own connection: a different caller) that aborts and reuses the
+    ids the clients use right now."""
+
+    def __init__(self, mesh: MeshThread) -> None:
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+        self.channel = grpc.insecure_channel(mesh.mesh.gateway_address, options=options)
+        self.stub = gen_grpc.GenerationStub(self.channel)
+        self.rng = random.Random(99)
+        self.aborts = 0
+        self.squats = 0
+        self.failures: list[str] = []
+
+    def run(self, stop_at: float) -> None:
+        while time.monotonic() < stop_at:
+            guess = f"soak-{self.rng.randrange(NUM_CLIENTS)}-{self.rng.randint(1, 40)}"
+            try:
+                answer = self.stub.Abort(gen_pb.AbortRequest(request_id=guess), timeout=30)
+                self.aborts += 1
+                if answer.aborted:
+                    self.failures.append(f"aborted another caller's {guess}")
+                if self.rng.random() < 0.2:  # its own request under the same id
+                    request = gen_pb.GenerateRequest(request_id=guess, prompt="Hi", max_tokens=2)
+                    self.stub.GenerateUnary(request, timeout=120)
+                    self.squats += 1
+            except grpc.RpcError as error:
+                self.failures.append(f"{guess}: {error.code().name} {error.details()}")
+            time.sleep(0.01)
+        self.channel.close()
+
+
 def test_soak_under_concurrent_load_with_cancellations(
     shared_mesh: MeshThread, smol_llm: LLM
 ) -> None:
@@ -113,9 +153,10 @@ def test_soak_under_concurrent_load_with_cancellations(
     references = [out.token_ids for out in smol_llm.generate(PROMPTS, greedy)]
     process = psutil.Process()
     clients = [Client(shared_mesh, references, seed) for seed in range(NUM_CLIENTS)]
+    intruder = Intruder(shared_mesh)
     start = time.monotonic()
     stop_at = start + SOAK_SECONDS
-    threads = [threading.Thread(target=c.run, args=(stop_at,)) for c in clients]
+    threads = [threading.Thread(target=c.run, args=(stop_at,)) for c in [*clients, intruder]]
     for thread in threads:
         thread.start()
     time.sleep(SOAK_SECONDS / 4)  # warm-up: every code path has run and allocated
@@ -125,14 +166,17 @@ def test_soak_under_concurrent_load_with_cancellations(
         assert not thread.is_alive(), "a client hung"
     elapsed = time.monotonic() - start
     outcomes = sum((c.outcomes for c in clients), Counter())
-    failures = [f for c in clients for f in c.failures]
+    failures = [f for c in [*clients, intruder] for f in c.failures]
     assert not failures, failures[:10]
+    assert intruder.aborts > 0 and intruder.squats > 0
     assert_serving_and_idle(shared_mesh)
     rss_end = process.memory_info().rss
     total = sum(outcomes.values())
     print(
         f"soak: {total} requests in {elapsed:.0f} s ({total / elapsed:.1f}/s) by "
-        f"{NUM_CLIENTS} clients: {dict(outcomes)}; RSS {rss_warm >> 20} -> {rss_end >> 20} MiB"
+        f"{NUM_CLIENTS} clients: {dict(outcomes)}; RSS {rss_warm >> 20} -> {rss_end >> 20} MiB; "
+        f"the other tenant: {intruder.aborts} Aborts of guessed ids, {intruder.squats} requests "
+        "under them"
     )
     assert outcomes["FINISH_REASON_LENGTH"] > 0 and outcomes["cancelled"] > 0
     assert outcomes["FINISH_REASON_ABORT"] + outcomes["DEADLINE_EXCEEDED"] > 0
