@@ -150,6 +150,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         code = context.code()
         if isinstance(error, BaseException) and not isinstance(error, grpc.aio.AbortError):
             code = grpc.StatusCode.CANCELLED if _is_cancel(error) else grpc.StatusCode.UNKNOWN
+            if code == grpc.StatusCode.CANCELLED and _deadline_passed(context):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED  # the client's deadline, not a cancel
         name = code.name if isinstance(code, grpc.StatusCode) else "OK"
         if self.metrics:
             self.metrics.rpc_finished(method, name, started)
@@ -243,6 +245,15 @@ def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCall
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """Outgoing calls of every kind carry the current request id in ``x-request-id``."""
     return details_interceptors(_with_request_id)
+
+
+#: The client's side of a deadline fires first: the server learns it a moment later.
+DEADLINE_SLACK_S = 0.05
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= DEADLINE_SLACK_S
 
 
 def finish_status(reason: int, default: str) -> str:

@@ -4,6 +4,7 @@ and frees its blocks on every worker."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from tests.mesh.reliability.common import (
     status_of,
 )
 
+DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
 
 
@@ -51,10 +53,14 @@ def test_gateway_refuses_past_max_in_flight(shared_mesh: MeshThread) -> None:
     assert_serving_and_idle(shared_mesh)
 
 
-def test_deadline_while_decoding(shared_mesh: MeshThread) -> None:
-    stream = shared_mesh.stub.Generate(gen_pb.GenerateRequest(prompt="Tell me", **LONG), timeout=2)
-    assert status_of(stream) == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert_serving_and_idle(shared_mesh)
+def test_deadline_while_decoding(shared_mesh: MeshThread, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="pdmesh.requests"):
+        request = gen_pb.GenerateRequest(prompt="Tell me", **LONG)
+        assert status_of(shared_mesh.stub.Generate(request, timeout=2)) == DEADLINE_EXCEEDED
+        assert_serving_and_idle(shared_mesh)
+    # The gateway logs the client's deadline as such, not as a cancel.
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("gateway Generate DEADLINE_EXCEEDED" in line for line in lines), lines
 
 
 def test_deadline_while_prefilling(shared_mesh: MeshThread) -> None:
