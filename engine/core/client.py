@@ -177,6 +177,10 @@ class EngineCoreClient:
             raise error_from(ready.error)
         assert ready.info is not None
         self.info = ready.info
+        # Until the first step reports, every block is free: a router that asks before then
+        # (a worker that just started or restarted) must not see an engine without room.
+        blocks = ready.info.num_blocks
+        self._load = LoadStats(num_free_blocks=blocks, num_total_blocks=blocks)
         loop.add_reader(fd, self._died)
         self._reader = asyncio.create_task(self._read())
         return ready.info
