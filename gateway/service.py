@@ -124,8 +124,6 @@ class GatewayCore:
         #: The OpenAI HTTP front end serving this core, when there is one (its stop comes
         #: after the drain).
         self.http: Any = None
-        #: The link to sibling gateway processes of this port (gateway/peers.py), if any.
-        self.peers: Any = None
         #: Whether the KV store answers (gateway/store_watch.py keeps it current).
         self.store_available = True
         #: What ``close`` stops besides the router (the store watch, the sibling link).

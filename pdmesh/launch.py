@@ -90,9 +90,7 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
     )
     configure_logging(args.log_format)
     cluster = LocalCluster(config, args.log_format)
-    stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
+    stopping = _stop_on_signal()
     try:
         cluster.start()
         generated = security.mesh_secret is None
@@ -120,6 +118,14 @@ def _run_mesh(args: argparse.Namespace, engine: EngineConfig, security: Security
         return 0
     finally:
         cluster.stop()
+
+
+def _stop_on_signal() -> threading.Event:
+    """Set by SIGINT or SIGTERM: the launcher then stops its children in order."""
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    return stopping
 
 
 def limits_from(args: argparse.Namespace) -> ServingLimits:
@@ -175,9 +181,7 @@ def _serve_gateways(spec: ServiceSpec, count: int) -> int:
     children of this one, until a signal (or one of them exits)."""
     configure_logging(spec.log_format)
     group = GatewayGroup(describe_gateway(spec.security))
-    stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
+    stopping = _stop_on_signal()
     ports = [service_metrics_port(spec.metrics_port, index) for index in range(count)]
     try:
         group.start(spec, ports, time.monotonic() + START_TIMEOUT_S)

@@ -302,6 +302,7 @@ async def start_gateway(
 
         metrics = GatewayMetrics("gateway", store)
         metrics.serve(metrics_port, address.rsplit(":", 1)[0])
+
     def listen() -> Server:
         return Server(
             address,
@@ -348,9 +349,9 @@ async def start_gateway(
         metrics.watch(lambda: len(core.running), store)
     ask_siblings = None
     if peer_address is not None:  # one of several gateway processes on this port
-        core.peers = await PeerLink.start(core, peer_address, siblings)
-        core.closers.append(core.peers.close)
-        ask_siblings = core.peers.siblings.abort
+        peers = await PeerLink.start(core, peer_address, siblings)
+        core.closers.append(peers.close)
+        ask_siblings = peers.siblings.abort
     servicer = GenerationServicer(core, ask_siblings)
     if server is None:
         server = listen()
