@@ -9,10 +9,11 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$1" in
   serve8b)
-    python -m bench.serve_gpu --shape 8b --batches 64 256 512 --layouts ${LAYOUTS:-a_up_colocated c_serve_processes b_up_shared_gpu} \
+    python -m bench.serve_gpu --shape 8b --batches ${BATCHES:-64 256 512} --gateway-processes ${GATEWAYS:-4} --layouts ${LAYOUTS:-a_up_colocated c_serve_processes b_up_shared_gpu} \
       --work-dir "$OUT/serve8b" --out "$OUT/serve_h200_8b.json" 2>&1 | grep -v "^WARNING" | tail -60 ;;
   serve135m)
-    python -m bench.serve_gpu --shape 135m --batches 512 --layouts a_up_colocated c_serve_processes \
+    python -m bench.serve_gpu --shape 135m --batches 512 --gateway-processes ${GATEWAYS:-6} \
+      --clients ${CLIENTS:-6} --layouts ${LAYOUTS:-a_up_colocated c_serve_processes} \
       --work-dir "$OUT/serve135m" --out "$OUT/serve_h200_135m.json" 2>&1 | grep -v "^WARNING" | tail -30 ;;
   gputests)
     python -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_gpu_engine.py tests/test_offload.py \
@@ -26,6 +27,8 @@ case "$1" in
   profile_serve)
     python -m bench.profile_serve --shape ${SHAPE:-8b} --batch ${BATCH:-256} --layout ${LAYOUT:-a_up_colocated} \
       --out "$OUT/profile_serve" 2>&1 | grep -v "^WARNING" | tail -150 ;;
+  attention_sweep)
+    python -m bench.decode_attention_sweep --out "$OUT/decode_attention_sweep.json" 2>&1 | tail -60 ;;
   profile)
     python -m bench.profile_decode --batches 256 512 --steps 20 2>&1 | tail -80 > "$OUT/profile.txt"; head -c 20000 "$OUT/profile.txt" ;;
 esac
