@@ -221,8 +221,10 @@ def launch_child(name: str, spec: ServiceSpec, describe: str, env: dict[str, str
 class GatewayGroup:
     """One gateway, or several processes sharing its gRPC and HTTP ports (SO_REUSEPORT: the
     kernel spreads connections over them). One event loop streams about 20k tokens/s; more
-    processes scale the gateway with the host's cores. Each gets its share of
-    ``max_in_flight`` and a /metrics port of its own."""
+    processes scale the gateway with the host's cores. Each admits ``max_in_flight`` and has a
+    /metrics port of its own: the kernel places connections, not requests, so a share of the
+    limit would refuse a busy connection's requests while its siblings sit idle (one client
+    channel lands on one process)."""
 
     def __init__(self, describe: str) -> None:
         self.describe = describe
@@ -239,12 +241,7 @@ class GatewayGroup:
         """Starts ``len(metrics_ports)`` gateways; the first picks the ports (0: free ones),
         the others bind the same."""
         count = len(metrics_ports)
-        share = -(-spec.limits.max_in_flight // count)
-        spec = dataclasses.replace(
-            spec,
-            reuse_port=count > 1,
-            limits=dataclasses.replace(spec.limits, max_in_flight=share),
-        )
+        spec = dataclasses.replace(spec, reuse_port=count > 1)
         peers = self._peer_addresses(count)
         first = self._launch(0, self._own(spec, 0, peers, metrics_ports))
         first.wait_listening(deadline)

@@ -98,17 +98,24 @@ async def run_load(
     timeout_s: float = 600.0,
     label: str = "bench",
     progress: bool | None = None,
+    connections: int = 1,
 ) -> tuple[list[RequestResult], float]:
-    """Every request's result (in workload order) and the run's wall time in seconds."""
+    """Every request's result (in workload order) and the run's wall time in seconds; request i
+    goes over connection i % connections."""
     bar = Progress(len(requests), label, progress)
     results: list[RequestResult | None] = [None] * len(requests)
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = gen_grpc.GenerationStub(channel)
+    # Each channel a connection of its own (equal channels share one): a gateway of several
+    # processes on one port (SO_REUSEPORT) is spread over by connection, not by request.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
+    stubs = [gen_grpc.GenerationStub(channel) for channel in channels]
 
-        async def one(index: int) -> None:
-            results[index] = await send_one(stub, requests[index], temperature, timeout_s)
-            bar.advance()
+    async def one(index: int) -> None:
+        stub = stubs[index % len(stubs)]
+        results[index] = await send_one(stub, requests[index], temperature, timeout_s)
+        bar.advance()
 
+    try:
         start = time.perf_counter()
         if shape.arrival_offsets is not None:
             await _open_loop(one, shape.arrival_offsets, start)
@@ -116,6 +123,9 @@ async def run_load(
             assert shape.concurrency is not None
             await _closed_loop(one, len(requests), shape.concurrency)
         duration = time.perf_counter() - start
+    finally:
+        for channel in channels:
+            await channel.close()
     bar.close()
     return [r for r in results if r is not None], duration
 
@@ -138,6 +148,10 @@ async def _closed_loop(one: Any, num_requests: int, concurrency: int) -> None:
             await one(index)
 
     await asyncio.gather(*(client() for _ in range(min(concurrency, num_requests))))
+
+
+#: Connections each load-generator process opens (requests round-robin over them).
+CONNECTIONS_PER_CLIENT = 4
 
 
 def run_load_processes(
@@ -215,6 +229,9 @@ def _client(
     barrier.wait()
     started = time.time()
     results, _ = asyncio.run(
-        run_load(target, requests, shape, temperature, timeout_s, progress=False)
-    )
+        run_load(
+            target, requests, shape, temperature, timeout_s, progress=False,
+            connections=CONNECTIONS_PER_CLIENT,
+        )
+    )  # fmt: skip
     queue.put((started, time.time(), results))
