@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import build_parser, main
+from pdmesh.cli import build_parser, main
 from pdmesh.security import ClientSecurity, SecurityConfig, security_from
 from pdmesh.security_args import client_security_from, security_config_from
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.cli import build_parser, main
 from pdmesh.bench.batch import is_oom
 from pdmesh.bench.sweep import layout
+from pdmesh.cli import build_parser, main
 from pdmesh.launch import resolve_metrics_port
 from pdmesh.mesh import service_metrics_port
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.cli import main
 from engine.config import EngineConfig
+from pdmesh.cli import main
 from pdmesh.mesh import MeshConfig
 from pdmesh.request_log import JsonFormatter, RequestIdFilter
 from pdmesh.v1 import generation_pb2 as gen_pb
