@@ -10,8 +10,8 @@ from typing import Any
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import encode_prompt
-from pdmesh.request_ids import check_request_id
 from pdmesh.v1 import generation_pb2 as gen_pb
+from serving.request_ids import check_request_id
 
 MAX_PROMPT_CHARS = 1 << 20
 MAX_MESSAGES = 4096

@@ -7,9 +7,9 @@ import sys
 import grpc
 
 from engine.sampling_params import SamplingParams
-from pdmesh.security import ClientSecurity
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
+from serving.security import ClientSecurity
 
 
 def request_from(prompt: str, chat: bool, params: SamplingParams) -> gen_pb.GenerateRequest:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from pdmesh.security import ClientSecurity, SecurityConfig, security_from
+from serving.security import ClientSecurity, SecurityConfig, security_from
 
 
 def add_security_args(parser: argparse.ArgumentParser) -> None:

@@ -90,7 +90,7 @@ def test_results_record_the_mesh_layout_without_secrets() -> None:
 
     from pdmesh.bench.meshes import recorded_config
     from pdmesh.mesh import MeshConfig
-    from pdmesh.security import SecurityConfig
+    from serving.security import SecurityConfig
 
     secret = "a-mesh-secret-of-forty-characters-012345"
     config = MeshConfig(

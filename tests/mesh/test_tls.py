@@ -21,11 +21,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdmesh.auth import bearer_metadata
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
+from serving.auth import bearer_metadata
 from tests.mesh.certs import Issued, issue, make_ca
 from tests.mesh.test_grpcurl import find_grpcurl, json_stream
 
