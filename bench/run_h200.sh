@@ -27,5 +27,5 @@ case "$1" in
     python -m bench.profile_serve --shape ${SHAPE:-8b} --batch ${BATCH:-256} --layout ${LAYOUT:-a_up_colocated} \
       --out "$OUT/profile_serve" 2>&1 | grep -v "^WARNING" | tail -150 ;;
   profile)
-    python -m bench.profile_decode --batches 256 512 --steps 20 2>&1 | tail -80 > "$OUT/profile.txt"; head -c 20000 "$OUT/profile.txt" ;;
+    python -m scripts.probes.profile_decode --batches 256 512 --steps 20 2>&1 | tail -80 > "$OUT/profile.txt"; head -c 20000 "$OUT/profile.txt" ;;
 esac
