@@ -233,7 +233,7 @@ class GatewayCore:
         return worker_pb.StartRequest(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
-            sampling=sampling_to_pb(request.params),
+            sampling=sampling_to_pb(request.params, worker_pb.WorkerSampling),
         )
 
     async def _prefill(self, state: Running) -> Delta:
