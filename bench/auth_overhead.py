@@ -20,9 +20,9 @@ from typing import Any
 import grpc
 
 from gateway.router import CHANNEL_OPTIONS, plaintext_channel
-from pdmesh.auth import worker_channel, worker_interceptors
-from pdmesh.rpc import Server
-from pdmesh.security import SecurityConfig
+from serving.auth import worker_channel, worker_interceptors
+from serving.rpc import Server
+from serving.security import SecurityConfig
 from tests.mesh.certs import issue, make_ca
 
 SERVICE = "bench.Ping"

@@ -32,5 +32,5 @@ case "$1" in
   attention_sweep)
     python -m bench.decode_attention_sweep --out "$OUT/decode_attention_sweep.json" 2>&1 | tail -60 ;;
   profile)
-    python -m bench.profile_decode --batches 256 512 --steps 20 2>&1 | tail -80 > "$OUT/profile.txt"; head -c 20000 "$OUT/profile.txt" ;;
+    python -m scripts.probes.profile_decode --batches 256 512 --steps 20 2>&1 | tail -80 > "$OUT/profile.txt"; head -c 20000 "$OUT/profile.txt" ;;
 esac

@@ -40,7 +40,7 @@ LAYOUTS = {
     "b_up_shared_gpu": ["up", "--prefill", "1", "--decode", "1"],
     "c_serve_processes": [],
 }
-CLI = [sys.executable, "-m", "engine.cli"]
+CLI = [sys.executable, "-m", "pdmesh.cli"]
 
 
 def shape_dir(shape: str, folder: Path) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from engine.core.messages import Add, RequestOutput
 from engine.errors import InvalidRequestError
-from pdmesh.convert import sampling_from_pb
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
-from pdmesh.worker_common import WorkerBase, token_event
+from serving.convert import sampling_from_pb
+from serving.worker_common import WorkerBase, token_event
 
 
 class DecodeServicer(WorkerBase, worker_grpc.DecodeWorkerServicer):

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator
 
 from engine.errors import OverloadedError
-from pdmesh.rpc import WorkerUnavailableError
+from serving.rpc import WorkerUnavailableError
 
 
 class Admission:

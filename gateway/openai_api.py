@@ -3,7 +3,7 @@
 Every generation goes through ``GatewayCore.generate``, the entry the gRPC servicer uses:
 the same admission, validation, chat template, routing, metrics and release of blocks.
 This module only translates: OpenAI JSON in, OpenAI JSON or server-sent events out, and
-domain errors to HTTP statuses through the gRPC codes ``pdmesh.rpc.status_for`` gives them.
+domain errors to HTTP statuses through the gRPC codes ``serving.rpc.status_for`` gives them.
 
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models[/{model}]
     GET /health (200 only while a request could be served)   GET /metrics (Prometheus)
@@ -33,11 +33,11 @@ from gateway.openai_choices import run_choices
 from gateway.openai_output import Choice, Envelope, TokenText
 from gateway.openai_schema import FieldError, OpenAIRequest, parse_chat, parse_completion
 from gateway.service import GatewayCore
-from pdmesh.auth import bearer_token
-from pdmesh.request_ids import caller_name, check_request_id, loggable
-from pdmesh.request_log import HEADER, current_request_id, log_call
-from pdmesh.rpc import status_for
 from pdmesh.v1 import generation_pb2 as gen_pb
+from serving.auth import bearer_token
+from serving.request_ids import caller_name, check_request_id, loggable
+from serving.request_log import HEADER, current_request_id, log_call
+from serving.rpc import status_for
 
 logger = logging.getLogger(__name__)
 

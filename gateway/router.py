@@ -24,10 +24,10 @@ import grpc
 
 from gateway.sessions import WorkerSession
 from kvstore.block_hash import BlockHash
-from pdmesh.request_log import client_interceptors
-from pdmesh.rpc import WorkerUnavailableError
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
+from serving.request_log import client_interceptors
+from serving.rpc import WorkerUnavailableError
 
 logger = logging.getLogger(__name__)
 

@@ -27,16 +27,16 @@ from gateway.validation import ValidRequest, prompt_ids_of, validate
 from kvstore.base import KVStore
 from kvstore.block_hash import hash_full_blocks
 from kvstore.errors import KVStoreError
-from pdmesh.auth import presented_token
-from pdmesh.convert import sampling_to_pb
-from pdmesh.request_ids import caller_name, check_request_id, namespaced, server_made_id
-from pdmesh.request_log import finish_status
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2 as worker_pb
+from serving.auth import presented_token
+from serving.convert import sampling_to_pb
+from serving.request_ids import caller_name, check_request_id, namespaced, server_made_id
+from serving.request_log import finish_status
 
 if TYPE_CHECKING:
-    from pdmesh.metrics import GatewayMetrics
+    from serving.metrics import GatewayMetrics
 logger = logging.getLogger(__name__)
 
 UNSPECIFIED = gen_pb.FINISH_REASON_UNSPECIFIED
@@ -115,7 +115,7 @@ class GatewayCore:
         #: The workers' block-hash namespace, so the gateway names prompt blocks as they do.
         self.namespace = namespace
         self.running: dict[str, Running] = {}
-        #: Prometheus metrics of this gateway, when they are served (pdmesh.metrics).
+        #: Prometheus metrics of this gateway, when they are served (serving.metrics).
         self.metrics: GatewayMetrics | None = None
         self.admission = admission or Admission(max_in_flight=1024)
         #: Open the decode call when the prefill starts, so the decode worker pulls the
@@ -139,7 +139,7 @@ class GatewayCore:
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         """The one entry of every front end (the gRPC servicer, the OpenAI HTTP API).
         ``owner`` names the caller a client-chosen id belongs to ("" for a gateway-made id;
-        see pdmesh/request_ids.py)."""
+        see serving/request_ids.py)."""
         with self.admission.admit():
             async for response in self._generate(message, owner):
                 yield response
@@ -233,7 +233,7 @@ class GatewayCore:
         return worker_pb.StartRequest(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
-            sampling=sampling_to_pb(request.params),
+            sampling=sampling_to_pb(request.params, worker_pb.WorkerSampling),
         )
 
     async def _prefill(self, state: Running) -> Delta:

@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 
-from pdmesh.rpc import WorkerStatusError
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import worker_pb2 as worker_pb
+from serving.rpc import WorkerStatusError
 
 logger = logging.getLogger(__name__)
 

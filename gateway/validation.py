@@ -10,8 +10,9 @@ from typing import Any
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import encode_prompt
-from pdmesh.request_ids import check_request_id
 from pdmesh.v1 import generation_pb2 as gen_pb
+from serving.convert import sampling_from_pb
+from serving.request_ids import check_request_id
 
 MAX_PROMPT_CHARS = 1 << 20
 MAX_MESSAGES = 4096
@@ -27,10 +28,6 @@ class ValidRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-
-
-def _optional(message: Any, name: str, default: Any) -> Any:
-    return getattr(message, name) if message.HasField(name) else default
 
 
 def prompt_ids_of(tokenizer: Any, request: Any) -> list[int]:
@@ -105,21 +102,7 @@ def validate(
             f"the prompt is {len(prompt_ids)} tokens; the maximum model length is "
             f"{max_model_len} and leaves no room for output"
         )
-    params = SamplingParams(
-        max_tokens=_optional(request, "max_tokens", 16),
-        temperature=_optional(request, "temperature", 1.0),
-        top_p=_optional(request, "top_p", 1.0),
-        top_k=_optional(request, "top_k", 0),
-        min_p=_optional(request, "min_p", 0.0),
-        repetition_penalty=_optional(request, "repetition_penalty", 1.0),
-        presence_penalty=_optional(request, "presence_penalty", 0.0),
-        frequency_penalty=_optional(request, "frequency_penalty", 0.0),
-        seed=_optional(request, "seed", None),
-        stop=tuple(request.stop),
-        stop_token_ids=tuple(request.stop_token_ids),
-        ignore_eos=request.ignore_eos,
-        logprobs=_optional(request, "logprobs", None),
-    )
+    params = sampling_from_pb(request)
     if len(prompt_ids) + params.max_tokens > max_model_len:
         raise InvalidRequestError(
             f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "

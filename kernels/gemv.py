@@ -1,8 +1,8 @@
 """Matrix-vector product for batch-1 decode: y = x W^T (+ b) with one token.
 
 A batch-1 decode step is a stream of weight reads. cuBLAS's kernels for a single row reached
-1.4-2.7 TB/s on the Llama-3.1-8B projections of an H100 (bench/gemv_probe.py); this plain
-kernel, each program reducing a few whole rows of W, read 4-8% faster on every shape.
+1.4-2.7 TB/s on the Llama-3.1-8B projections of an H100 (scripts/probes/gemv_probe.py); this
+plain kernel, each program reducing a few whole rows of W, read 4-8% faster on every shape.
 """
 
 import torch

@@ -40,6 +40,7 @@ import torch
 
 from kvstore.block_hash import HASH_BYTES, BlockHash
 from kvstore.gpu_paths import export_cuda_tensor, host_id, import_cuda_tensor
+from kvstore.redis_scripts import load_scripts
 
 _KEY_NAMES = ("arena", "slot", "taken")
 # Seconds before mapping an arena that could not be mapped is tried again.
@@ -211,66 +212,8 @@ class MemoryLaneIndex(LaneIndex):
 # Lane scripts take their items packed into ARGV[1] (fixed-width records: block hash of
 # ARGV[2] bytes, 28-byte slot) and answer with one string: one round trip and one argument however
 # many blocks, where an argument per block costs the client more in Python than the
-# hand-off's copies take on the device.
-_LUA_HEADER = """
-local packed, H, S = ARGV[1], tonumber(ARGV[2]), 28
--- The (block hash, slot) records of ARGV[1], in order.
-local function blocks()
-  local i = 1 - (H + S)
-  return function()
-    i = i + H + S
-    if i <= #packed then
-      return string.sub(packed, i, i + H - 1), string.sub(packed, i + H, i + H + S - 1)
-    end
-  end
-end
--- '1' or '0' per record: what test(hash, slot) says.
-local function flags(test)
-  local out = {}
-  for h, slot in blocks() do out[#out + 1] = test(h, slot) and '1' or '0' end
-  return table.concat(out)
-end
-local function forget(h, slot)
-  if redis.call('HGET', KEYS[1], h) == slot then redis.call('HDEL', KEYS[1], h) end
-end
-"""
-_LUA_SCRIPTS = {
-    "publish": """
-for h, slot in blocks() do redis.call('HSET', KEYS[1], h, slot) end
-return 0
-""",
-    # Only where the name is still that slot (a newer slot of the block stays).
-    "forget": """
-for h, slot in blocks() do
-  forget(h, slot)
-  redis.call('SREM', KEYS[2], slot)
-end
-return 0
-""",
-    "forget_taken": """
-return flags(function(h, slot)
-  if redis.call('SREM', KEYS[2], slot) == 0 then return false end
-  forget(h, slot)
-  return true
-end)
-""",
-    # Whole: the block still has that slot, and its arena is still registered.
-    "confirm": """
-return flags(function(h, slot)
-  if redis.call('HGET', KEYS[1], h) ~= slot then return false end
-  if redis.call('HEXISTS', KEYS[3], string.sub(slot, 1, 16)) == 0 then return false end
-  redis.call('SADD', KEYS[2], slot)
-  return true
-end)
-""",
-    "lookup": """
-local out, none = {}, string.rep(string.char(0), S)
-for i = 1, #packed, H do
-  out[#out + 1] = redis.call('HGET', KEYS[1], string.sub(packed, i, i + H - 1)) or none
-end
-return table.concat(out)
-""",
-}
+# hand-off's copies take on the device (kvstore/lua/lane/).
+
 # A slot as stored: arena id (16 ASCII characters), row, epoch (epochs start at 1).
 _SLOT = struct.Struct(">16sIQ")
 
@@ -293,7 +236,7 @@ class RedisLaneIndex(LaneIndex):
         #: Wraps every Redis call: the store's own error mapping (Redis gone -> unavailable).
         self._guard = guard
         self._scripts = {
-            name: client.register_script(_LUA_HEADER + body) for name, body in _LUA_SCRIPTS.items()
+            name: client.register_script(body) for name, body in load_scripts("lane").items()
         }
         self._lock = threading.Lock()
         # Arenas of other processes: mapped rows, or None and when mapping last failed.

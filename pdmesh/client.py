@@ -7,24 +7,14 @@ import sys
 import grpc
 
 from engine.sampling_params import SamplingParams
-from pdmesh.security import ClientSecurity
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
+from serving.convert import sampling_to_pb
+from serving.security import ClientSecurity
 
 
 def request_from(prompt: str, chat: bool, params: SamplingParams) -> gen_pb.GenerateRequest:
-    request = gen_pb.GenerateRequest(
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        min_p=params.min_p,
-        repetition_penalty=params.repetition_penalty,
-        stop=list(params.stop),
-        ignore_eos=params.ignore_eos,
-    )
-    if params.seed is not None:
-        request.seed = params.seed
+    request = sampling_to_pb(params, gen_pb.GenerateRequest)
     if chat:
         request.messages.append(gen_pb.ChatMessage(role="user", content=prompt))
     else:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from engine.config import EngineConfig
 from kvstore.local_redis import start_redis, stop_redis
 from pdmesh.mesh import MeshConfig, service_metrics_port, warn_shared_devices
-from pdmesh.security import SecurityConfig
 from pdmesh.services import (
     CHILD_COMMAND,
     HTTP_LISTENING,
@@ -33,6 +32,7 @@ from pdmesh.services import (
     describe_gateway,
     describe_workers,
 )
+from serving.security import SecurityConfig
 
 logger = logging.getLogger(__name__)
 

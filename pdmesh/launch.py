@@ -15,9 +15,9 @@ from kvstore.local_redis import start_redis, stop_redis
 from pdmesh.cluster import START_TIMEOUT_S, GatewayGroup, LocalCluster
 from pdmesh.limits import ServingLimits
 from pdmesh.mesh import MeshConfig, service_metrics_port
-from pdmesh.request_log import configure_logging
-from pdmesh.security import SecurityConfig
 from pdmesh.services import ServiceSpec, describe_gateway, describe_workers, serve
+from serving.request_log import configure_logging
+from serving.security import SecurityConfig
 
 #: Default first metrics port of ``pdmesh up`` / ``pdmesh serve`` (vLLM serves /metrics on
 #: 8000); workers of ``pdmesh up`` take the ports after it, as their gRPC ports do.

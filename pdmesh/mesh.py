@@ -31,18 +31,18 @@ from gateway.store_watch import StoreWatch
 from kvstore.base import KVStore
 from kvstore.factory import open_store
 from kvstore.local_redis import start_redis, stop_redis
-from pdmesh.auth import gateway_interceptors, worker_channel, worker_interceptors
 from pdmesh.limits import ServingLimits
-from pdmesh.request_log import RequestCalls, ServiceInterceptor
-from pdmesh.rpc import Server
-from pdmesh.security import SecurityConfig
 from pdmesh.shutdown import drain_gateway
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
 from prefill_svc.service import PrefillServicer
+from serving.auth import gateway_interceptors, worker_channel, worker_interceptors
+from serving.request_log import RequestCalls, ServiceInterceptor
+from serving.rpc import Server
+from serving.security import SecurityConfig
 
 if TYPE_CHECKING:
-    from pdmesh.metrics import WorkerMetrics
+    from serving.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ async def start_worker(
     no metrics). ``env``: the engine core's environment additions (device placement)."""
     metrics = None
     if metrics_port is not None:  # prometheus_client is imported only where metrics are on
-        from pdmesh.metrics import WorkerMetrics
+        from serving.metrics import WorkerMetrics
 
         metrics = WorkerMetrics(role)
         metrics.serve(metrics_port, address.rsplit(":", 1)[0])  # a taken port fails at once
@@ -298,7 +298,7 @@ async def start_gateway(
     limits = limits or ServingLimits()
     metrics = None
     if metrics_port is not None:
-        from pdmesh.metrics import GatewayMetrics
+        from serving.metrics import GatewayMetrics
 
         metrics = GatewayMetrics("gateway", store)
         metrics.serve(metrics_port, address.rsplit(":", 1)[0])

@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from pdmesh.security import ClientSecurity, SecurityConfig, security_from
+from serving.security import ClientSecurity, SecurityConfig, security_from
 
 
 def add_security_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("security (see README: Security)")
+    group = parser.add_argument_group("security (see docs/operations.md: Security)")
     group.add_argument(
         "--api-key",
         action="append",

@@ -26,12 +26,12 @@ from kvstore.base import KVStore
 from kvstore.factory import open_store
 from pdmesh.limits import ServingLimits
 from pdmesh.mesh import start_gateway, start_worker
-from pdmesh.request_log import configure_logging
-from pdmesh.security import SecurityConfig
 from pdmesh.shutdown import drain_gateway, drain_worker
+from serving.request_log import configure_logging
+from serving.security import SecurityConfig
 
 if TYPE_CHECKING:
-    from pdmesh.metrics import ServiceMetrics
+    from serving.metrics import ServiceMetrics
 
 #: What a service prints once it serves; a launcher reads the address from it.
 LISTENING = "listening on "

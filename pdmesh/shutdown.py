@@ -12,7 +12,7 @@ import time
 
 from engine.core.client import EngineCoreClient
 from gateway.service import GatewayCore
-from pdmesh.rpc import Server
+from serving.rpc import Server
 
 logger = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ import dataclasses
 from engine.core.client import EngineCoreClient
 from engine.core.messages import Add, RequestOutput
 from engine.sequence import FinishReason
-from pdmesh.convert import FINISH_TO_PB, sampling_from_pb
-from pdmesh.request_log import RequestCalls
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
-from pdmesh.worker_common import WorkerBase, token_event
+from serving.convert import FINISH_TO_PB, sampling_from_pb
+from serving.request_log import RequestCalls
+from serving.worker_common import WorkerBase, token_event
 
 
 class PrefillServicer(WorkerBase, worker_grpc.PrefillWorkerServicer):
@@ -41,11 +41,10 @@ class PrefillServicer(WorkerBase, worker_grpc.PrefillWorkerServicer):
         if reason is FinishReason.LENGTH and continues:
             reason = None  # only the prefill part is done: decoding continues elsewhere
         event.finish_reason = FINISH_TO_PB[reason]
-        assert self.core.info is not None
         event.kv.CopyFrom(
             worker_pb.KVHandoff(
                 block_hashes=output.kv_hashes,
-                block_size=self.core.info.block_size,
+                block_size=self.block_size,
                 num_tokens=output.num_prompt_tokens,
                 namespace=self.namespace,
             )

@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
-.venv/bin/mypy engine kernels kvstore bench gateway pdmesh prefill_svc decode_svc
+.venv/bin/mypy engine kernels kvstore bench scripts/probes gateway serving pdmesh prefill_svc decode_svc
+# The layers of pyproject.toml's [tool.importlinter]: imports go downward only.
+.venv/bin/lint-imports --no-cache --no-logo
 
 # Hugging Face reference answers computed by one test process are reused by the others of
 # this run (tests/conftest.py's hf_greedy), never by another run.

@@ -21,7 +21,7 @@ from engine.errors import InvalidRequestError, OverloadedError, WorkerLostError
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
-from pdmesh.rpc import status_for
+from serving.rpc import status_for
 from tests.tiny_models import save_tiny_model
 
 T = TypeVar("T")

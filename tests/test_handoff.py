@@ -152,7 +152,7 @@ def test_finished_decode_leaves_prompt_and_output_blocks_as_prefix_cache(
 def test_a_worker_in_its_own_process_refuses_the_embedded_store(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engine.cli import main
+    from pdmesh.cli import main
 
     monkeypatch.setenv("PDMESH_MESH_SECRET", "s3cret-" * 6)  # past the secret check
     assert main(["serve", "decode", "--store", "embedded", "--device", "cpu"]) == 2

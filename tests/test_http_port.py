@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.cli import build_parser
+from pdmesh.cli import build_parser
 from pdmesh.launch import resolve_http_port
 
 

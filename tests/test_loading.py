@@ -115,7 +115,7 @@ def test_cli_streams_text_and_reports_bad_flags() -> None:
         [
             sys.executable,
             "-m",
-            "engine.cli",
+            "pdmesh.cli",
             "generate",
             "--chat",
             "What is 2+2?",
@@ -132,7 +132,7 @@ def test_cli_streams_text_and_reports_bad_flags() -> None:
     assert ok.returncode == 0, ok.stderr
     assert "4" in ok.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "generate", "hi", "--top-p", "2"],
+        [sys.executable, "-m", "pdmesh.cli", "generate", "hi", "--top-p", "2"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pdmesh.request_log import configure_logging, current_request_id
+from serving.request_log import configure_logging, current_request_id
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_text_lines_show_the_request_id_and_bad_formats_are_refused(
 def test_a_flood_of_refusals_logs_one_line_per_reason_and_interval(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from pdmesh.log_limits import ThrottledLog
+    from serving.log_limits import ThrottledLog
 
     now = [0.0]
     throttled = ThrottledLog(logging.getLogger("pdmesh.test.throttle"), clock=lambda: now[0])

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import build_parser, main
-from pdmesh.security import ClientSecurity, SecurityConfig, security_from
+from pdmesh.cli import build_parser, main
 from pdmesh.security_args import client_security_from, security_config_from
+from serving.security import ClientSecurity, SecurityConfig, security_from
 
 SECRET = "mesh-secret-0123456789abcdef"
 

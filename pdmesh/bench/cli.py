@@ -1,4 +1,4 @@
-"""``pdmesh bench serve|sweep|batch``: argument parsers and dispatch (engine/cli.py adds
+"""``pdmesh bench serve|sweep|batch``: argument parsers and dispatch (pdmesh/cli.py adds
 these under ``pdmesh bench``)."""
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.cli import build_parser, main
 from pdmesh.bench.batch import is_oom
 from pdmesh.bench.sweep import layout
+from pdmesh.cli import build_parser, main
 from pdmesh.launch import resolve_metrics_port
 from pdmesh.mesh import service_metrics_port
 
@@ -90,7 +90,7 @@ def test_results_record_the_mesh_layout_without_secrets() -> None:
 
     from pdmesh.bench.meshes import recorded_config
     from pdmesh.mesh import MeshConfig
-    from pdmesh.security import SecurityConfig
+    from serving.security import SecurityConfig
 
     secret = "a-mesh-secret-of-forty-characters-012345"
     config = MeshConfig(

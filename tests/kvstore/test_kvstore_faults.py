@@ -154,7 +154,7 @@ def test_processes_overfilling_the_tiers_complete_or_fail_clearly_and_leak_nothi
 def test_an_unreachable_store_maps_to_grpc_unavailable() -> None:
     import grpc
 
-    from pdmesh.rpc import status_for
+    from serving.rpc import status_for
 
     code, message = status_for(StoreUnavailableError("KV store index is unreachable"))
     assert code == grpc.StatusCode.UNAVAILABLE

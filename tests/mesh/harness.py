@@ -10,11 +10,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from pdmesh.auth import bearer_metadata
 from pdmesh.mesh import Mesh, MeshConfig, WorkerHandle, start_worker
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2 as worker_pb
+from serving.auth import bearer_metadata
 
 T = TypeVar("T")
 

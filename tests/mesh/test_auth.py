@@ -16,12 +16,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.config import EngineConfig
-from pdmesh.auth import bearer_metadata
 from pdmesh.mesh import MeshConfig
-from pdmesh.security import SecurityConfig
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
+from serving.auth import bearer_metadata
+from serving.security import SecurityConfig
 from tests.mesh.harness import MeshThread
 from tests.mesh.test_grpcurl import EXIT_STATUS_BASE, find_grpcurl, json_stream
 

@@ -24,8 +24,8 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine.cli import build_parser, cmd_serve
 from engine.config import EngineConfig
+from pdmesh.cli import build_parser, cmd_serve
 from pdmesh.launch import resolve_http_port
 from pdmesh.mesh import MeshConfig
 
@@ -214,7 +214,7 @@ def test_dockerfile_installs_pdmesh_and_runs_the_cli() -> None:
     assert "download.pytorch.org/whl/cpu" in text, "the CPU wheel index, for public PyPI"
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert pyproject["project"]["scripts"]["pdmesh"] == "engine.cli:main"
+    assert pyproject["project"]["scripts"]["pdmesh"] == "pdmesh.cli:main"
 
 
 def test_dockerignore_keeps_what_pip_install_needs() -> None:

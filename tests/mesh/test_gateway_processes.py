@@ -37,7 +37,7 @@ class Up:
 
 @pytest.fixture(scope="module")
 def up() -> Iterator[Up]:
-    command = [sys.executable, "-m", "engine.cli", "up", "--device", "cpu", "--colocated"]
+    command = [sys.executable, "-m", "pdmesh.cli", "up", "--device", "cpu", "--colocated"]
     command += ["--gateway-processes", "2", "--port", "0", "--metrics-port", "0"]
     command += ["--http-port", "0", "--api-key", KEY]
     process = subprocess.Popen(

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.cli import main
 from engine.config import EngineConfig
+from pdmesh.cli import main
 from pdmesh.mesh import MeshConfig
-from pdmesh.request_log import JsonFormatter, RequestIdFilter
 from pdmesh.v1 import generation_pb2 as gen_pb
+from serving.request_log import JsonFormatter, RequestIdFilter
 from tests.mesh.harness import MeshThread, generate
 
 NUM_REQUESTS = 10

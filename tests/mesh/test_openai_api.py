@@ -20,8 +20,8 @@ from engine.config import EngineConfig
 from engine.tokenizer import encode_prompt
 from pdmesh.limits import ServingLimits
 from pdmesh.mesh import MeshConfig
-from pdmesh.security import SecurityConfig
 from pdmesh.v1 import generation_pb2 as gen_pb
+from serving.security import SecurityConfig
 from tests.conftest import hf_greedy
 from tests.mesh.harness import MeshThread
 from tests.mesh.test_mesh_e2e import to_request

@@ -21,11 +21,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdmesh.auth import bearer_metadata
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
+from serving.auth import bearer_metadata
 from tests.mesh.certs import Issued, issue, make_ca
 from tests.mesh.test_grpcurl import find_grpcurl, json_stream
 
@@ -62,7 +62,7 @@ class Up:
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "up", *args],
+            [sys.executable, "-m", "pdmesh.cli", "up", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -193,7 +193,7 @@ def test_public_port_refuses_plaintext_and_untrusted_clients(
 
 def test_cli_generate_over_tls(mesh: Running, certificates: Certificates) -> None:
     env = {**os.environ, "PDMESH_API_KEY": API_KEY}
-    command = [sys.executable, "-m", "engine.cli", "generate", "The capital of France is"]
+    command = [sys.executable, "-m", "pdmesh.cli", "generate", "The capital of France is"]
     command += ["--target", mesh.gateway, "--tls-ca", str(certificates.public_ca)]
     command += ["--max-tokens", "4"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)

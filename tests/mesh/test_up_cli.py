@@ -28,7 +28,7 @@ def _health(channel: grpc.Channel) -> Any:
 
 def test_pdmesh_up_serves_and_drains_on_sigterm() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "up", "--device", "cpu", "--port", "0"],
+        [sys.executable, "-m", "pdmesh.cli", "up", "--device", "cpu", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -19,10 +19,10 @@ import grpc
 from engine.core.client import EngineCoreClient, error_from
 from engine.core.messages import Add, RequestOutput
 from engine.errors import InvalidRequestError, WorkerLostError
-from pdmesh.convert import FINISH_TO_PB, logprob_to_pb
-from pdmesh.request_log import RequestCalls
-from pdmesh.rpc import status_for
 from pdmesh.v1 import worker_pb2 as worker_pb
+from serving.convert import FINISH_TO_PB, logprob_to_pb
+from serving.request_log import RequestCalls
+from serving.rpc import status_for
 
 logger = logging.getLogger(__name__)
 
@@ -174,5 +174,12 @@ class WorkerBase:
 
     @property
     def namespace(self) -> str:
+        """The model and KV layout this worker's blocks are written for."""
         assert self.core.info is not None
         return self.core.info.namespace
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV block of this worker's engine."""
+        assert self.core.info is not None
+        return self.core.info.block_size

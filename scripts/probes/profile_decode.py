@@ -1,7 +1,7 @@
 """Where a decode step's time goes on the GPU: torch.profiler over steady-state decode steps of
 the Llama-3.1-8B shape (random weights), at a few batch sizes.
 
-    python -m bench.profile_decode [--batches 1 64] [--steps 20]
+    python -m scripts.probes.profile_decode [--batches 1 64] [--steps 20]
 """
 
 from __future__ import annotations

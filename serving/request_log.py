@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from pdmesh.request_ids import loggable, server_made_id
-from pdmesh.rpc import details_interceptors, with_metadata, wrap_handler
 from pdmesh.v1 import generation_pb2 as gen_pb
+from serving.request_ids import loggable, server_made_id
+from serving.rpc import details_interceptors, with_metadata, wrap_handler
 
 if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
-    from pdmesh.metrics import ServiceMetrics
+    from serving.metrics import ServiceMetrics
 
 HEADER = "x-request-id"
 LOG_FORMATS = ("text", "json")

@@ -2,7 +2,7 @@
 bandwidth, per way of computing y = x W^T? (cuBLAS through F.linear, cuBLAS on a transposed
 copy, and a plain Triton GEMV over a grid of tile sizes.) GPU only.
 
-    python -m bench.gemv_probe --out bench/results/gemv_probe_h100.json
+    python -m scripts.probes.gemv_probe --out bench/results/gemv_probe_h100.json
 """
 
 from __future__ import annotations
@@ -33,7 +33,15 @@ TILES = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w i
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(
+    x_ptr: tl.tensor,
+    w_ptr: tl.tensor,
+    y_ptr: tl.tensor,
+    n: int,
+    k: int,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+) -> None:
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -109,7 +117,7 @@ def main() -> int:
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(),
-        "command": "python -m bench.gemv_probe " + " ".join(sys.argv[1:]),
+        "command": "python -m scripts.probes.gemv_probe " + " ".join(sys.argv[1:]),
         "hbm_read_gbps": limit,
         "rows": rows,
         "ms_per_layer": per_layer_ms,

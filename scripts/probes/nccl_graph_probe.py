@@ -1,7 +1,7 @@
 """Can this host capture a NCCL all-reduce inside a CUDA graph and replay it? Two ranks, one
 all-reduce of a decode-sized activation (64 x 4096 bf16), eager vs graph-replayed time.
 
-    timeout 120 python -m bench.nccl_graph_probe
+    timeout 120 python -m scripts.probes.nccl_graph_probe
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 
-from pdmesh.log_limits import ThrottledLog
-from pdmesh.request_log import client_interceptors
-from pdmesh.rpc import UnauthenticatedError, details_interceptors, with_metadata, wrap_handler
-from pdmesh.security import AUTHORIZATION, SecurityConfig
+from serving.log_limits import ThrottledLog
+from serving.request_log import client_interceptors
+from serving.rpc import UnauthenticatedError, details_interceptors, with_metadata, wrap_handler
+from serving.security import AUTHORIZATION, SecurityConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ _refusals = ThrottledLog(logger)
 
 def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that fails with UNAUTHENTICATED (through the
-    error mapping in pdmesh.rpc, which wraps this interceptor)."""
+    error mapping in serving.rpc, which wraps this interceptor)."""
 
     def refuse(context: grpc.aio.ServicerContext) -> UnauthenticatedError:
         shown = method.encode("unicode_escape").decode()[:200]  # client-chosen: escaped

@@ -6,37 +6,37 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from engine.args import add_engine_args, engine_config_from
 from engine.errors import PdmeshError
 from engine.sampling_params import SamplingParams
 from pdmesh.security_args import add_client_security_args, add_security_args, security_config_from
+from serving.convert import sampling_params
+
+#: The sampling flags of ``pdmesh generate``, named like SamplingParams' fields: type, default
+#: (None: unset), help.
+SAMPLING_FLAGS: dict[str, tuple[type, Any, str | None]] = {
+    "max_tokens": (int, 128, None),
+    "temperature": (float, 0.0, "0 = greedy (default)"),
+    "top_p": (float, 1.0, None),
+    "top_k": (int, 0, None),
+    "min_p": (float, 0.0, None),
+    "repetition_penalty": (float, 1.0, None),
+    "seed": (int, None, None),
+}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int)
+    for name, (kind, default, text) in SAMPLING_FLAGS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=text)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
 
 
 def sampling_params_from(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop),
-        ignore_eos=args.ignore_eos,
-    )
+    names = [*SAMPLING_FLAGS, "stop", "ignore_eos"]
+    return sampling_params({name: getattr(args, name) for name in names})
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

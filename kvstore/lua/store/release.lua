@@ -1,0 +1,2 @@
+-- ARGV: prefix, owner. Returns how many distinct blocks the owner had pinned.
+return release_owner(ARGV[2])
