@@ -7,13 +7,13 @@ cache-aware router and Dynamo's KV router do, but only among workers whose outst
 are within ``max_imbalance_tokens`` of the least loaded one, so affinity cannot pile everything
 on one worker. Decode workers: most free KV blocks in their last Load report, less the
 requests sent since. A worker whose calls fail with UNAVAILABLE, or whose Load stops
-answering, leaves the rotation until it answers again.
+answering, leaves the rotation until it answers again. Load polls run on a thread of their own
+(``gateway.load_poller``), so a busy gateway loop cannot make a healthy worker's poll late.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from gateway.load_poller import LoadPoller, PollResult, ask_load
 from gateway.sessions import WorkerSession
 from kvstore.block_hash import BlockHash
 from pdmesh.v1 import worker_pb2 as worker_pb
@@ -140,7 +141,8 @@ class Router:
         self.decode = [connect(a, "decode", open_channel) for a in decode_addresses]
         self.colocated = [connect(a, "colocated", open_channel) for a in colocated_addresses or []]
         self.max_imbalance_tokens = max_imbalance_tokens
-        self._poller: asyncio.Task[None] | None = None
+        self._open_channel = open_channel
+        self._poller: LoadPoller | None = None
 
     @property
     def is_colocated(self) -> bool:
@@ -152,36 +154,36 @@ class Router:
 
     async def start(self) -> None:
         await self.refresh()
-        self._poller = asyncio.create_task(self._poll())
+        self._poller = LoadPoller(
+            [(w, w.address, STUBS[w.role]) for w in self.workers],
+            lambda address: self._open_channel(address, CHANNEL_OPTIONS),
+            self._apply,
+            LOAD_POLL_S,
+            LOAD_TIMEOUT_S,
+        )
+        self._poller.start()
 
     async def close(self) -> None:
         if self._poller:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+            await self._poller.stop()
         for worker in self.workers:
             await worker.session.close()
             await worker.channel.close()
 
     async def refresh(self) -> None:
-        await asyncio.gather(*(self._refresh_one(w) for w in self.workers))
+        """Polls every worker's Load once, on this loop (at start, and for tests)."""
+        results = await asyncio.gather(*(ask_load(w.stub, LOAD_TIMEOUT_S) for w in self.workers))
+        for worker, result in zip(self.workers, results, strict=True):
+            self._apply(worker, result)
 
-    async def _refresh_one(self, worker: Worker) -> None:
-        try:
-            report = await worker.stub.Load(worker_pb.LoadRequest(), timeout=LOAD_TIMEOUT_S)
-        except grpc.aio.AioRpcError as error:
-            was_healthy = worker.healthy
-            if worker.load_failed(error.code()) and was_healthy:
-                logger.warning(
-                    "%s worker %s unreachable: %s", worker.role, worker.address, error.code()
-                )
+    @staticmethod
+    def _apply(worker: Worker, result: PollResult) -> None:
+        if isinstance(result, worker_pb.LoadReport):
+            worker.load_answered(result)
             return
-        worker.load_answered(report)
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(LOAD_POLL_S)
-            await self.refresh()
+        was_healthy = worker.healthy
+        if worker.load_failed(result) and was_healthy:
+            logger.warning("%s worker %s unreachable: %s", worker.role, worker.address, result)
 
     @staticmethod
     def _healthy(pool: list[Worker], exclude: set[Worker] | None = None) -> list[Worker]:
