@@ -9,6 +9,8 @@ on one worker. Decode workers: most free KV blocks in their last Load report, le
 requests sent since. A worker whose calls fail with UNAVAILABLE, or whose Load stops
 answering, leaves the rotation until it answers again. Load polls run on a thread of their own
 (``gateway.load_poller``), so a busy gateway loop cannot make a healthy worker's poll late.
+A worker whose Load reports a KV namespace other than the mesh's (``gateway.mesh_model``) is
+refused: never routed to, until it reports the mesh's again (restarted with the right flags).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class Worker:
     session: WorkerSession = field(init=False)
     #: Load polls in a row that timed out.
     slow_polls: int = 0
+    #: The KV namespace it serves when that is not the mesh's (it is then never routed to).
+    refused: str | None = None
 
     def __post_init__(self) -> None:
         def broken() -> None:  # out of rotation until its Load answers again
@@ -85,6 +89,17 @@ class Worker:
                 return not self.healthy
         self.healthy = False
         return True
+
+    @property
+    def routable(self) -> bool:
+        return self.healthy and self.refused is None
+
+    @property
+    def state(self) -> str:
+        """serving, unreachable or refused (metrics and operators)."""
+        if self.refused is not None:
+            return "refused"
+        return "serving" if self.healthy else "unreachable"
 
     @property
     def free_blocks(self) -> int:
@@ -143,6 +158,9 @@ class Router:
         self.max_imbalance_tokens = max_imbalance_tokens
         self._open_channel = open_channel
         self._poller: LoadPoller | None = None
+        #: The mesh's KV namespace, once the gateway has learned it from its workers; None
+        #: checks nothing.
+        self.namespace: str | None = None
 
     @property
     def is_colocated(self) -> bool:
@@ -176,22 +194,57 @@ class Router:
         for worker, result in zip(self.workers, results, strict=True):
             self._apply(worker, result)
 
-    @staticmethod
-    def _apply(worker: Worker, result: PollResult) -> None:
+    def _apply(self, worker: Worker, result: PollResult) -> None:
         if isinstance(result, worker_pb.LoadReport):
             worker.load_answered(result)
+            self.check_namespace(worker, result.namespace)
             return
         was_healthy = worker.healthy
         if worker.load_failed(result) and was_healthy:
             logger.warning("%s worker %s unreachable: %s", worker.role, worker.address, result)
 
+    def check_namespace(self, worker: Worker, namespace: str) -> None:
+        """Refuses ``worker`` while it serves another namespace than the mesh's; one log line
+        when it is refused and one when it serves the mesh's again. An empty namespace (not
+        reported) changes nothing."""
+        if self.namespace is None or not namespace:
+            return
+        if namespace != self.namespace:
+            if worker.refused != namespace:
+                logger.error(
+                    "refusing %s worker %s: it serves KV namespace %r, the mesh's is %r "
+                    "(start it with the same model, --dtype and block size as the others)",
+                    worker.role, worker.address, namespace, self.namespace,
+                )  # fmt: skip
+            worker.refused = namespace
+        elif worker.refused is not None:
+            logger.warning(
+                "%s worker %s serves the mesh's KV namespace %r again: back in rotation",
+                worker.role, worker.address, namespace,
+            )  # fmt: skip
+            worker.refused = None
+
     @staticmethod
     def _healthy(pool: list[Worker], exclude: set[Worker] | None = None) -> list[Worker]:
-        healthy = [w for w in pool if w.healthy and w not in (exclude or set())]
+        healthy = [w for w in pool if w.routable and w not in (exclude or set())]
         if not healthy:
             role = pool[0].role if pool else "any"
-            raise WorkerUnavailableError(f"no healthy {role} worker")
+            refused = sum(w.refused is not None for w in pool)
+            why = f" ({refused} refused: another KV namespace)" if refused else ""
+            raise WorkerUnavailableError(f"no healthy {role} worker{why}")
         return healthy
+
+    def worker_states(self) -> dict[tuple[str, str], int]:
+        """(role, state) -> how many workers are in it, every pair present (metrics)."""
+        states = {
+            (role, state): 0
+            for role in STUBS
+            for state in ("serving", "unreachable", "refused")
+            if any(w.role == role for w in self.workers)
+        }
+        for worker in self.workers:
+            states[(worker.role, worker.state)] += 1
+        return states
 
     def pick_prompt_worker(
         self, hashes: Sequence[BlockHash], exclude: set[Worker] | None = None

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from engine.config import ModelConfig
 from engine.errors import InvalidRequestError
 from engine.text_output import TextStream
 from gateway.admission import Admission
+from gateway.mesh_model import MeshModel
 from gateway.router import Router, Worker
 from gateway.sessions import Delta, RequestFeed, WorkerGoneError
 from gateway.validation import ValidRequest, prompt_ids_of, validate
@@ -96,24 +96,21 @@ class GatewayCore:
     def __init__(
         self,
         tokenizer: Any,
-        model_config: ModelConfig,
-        max_model_len: int,
+        model: MeshModel,
         router: Router,
         store: KVStore,
-        model_name: str,
-        block_size: int,
-        namespace: bytes,
         admission: Admission | None = None,
     ) -> None:
         self.tokenizer = tokenizer
-        self.model_config = model_config
-        self.max_model_len = max_model_len
+        #: What the workers serve (the gateway has no engine flags of its own).
+        self.model = model
+        self.max_model_len = model.max_model_len
         self.router = router
         self.store = store
-        self.model_name = model_name
-        self.block_size = block_size
+        self.model_name = model.model_name
+        self.block_size = model.block_size
         #: The workers' block-hash namespace, so the gateway names prompt blocks as they do.
-        self.namespace = namespace
+        self.namespace = model.namespace.encode()
         self.running: dict[str, Running] = {}
         #: Prometheus metrics of this gateway, when they are served (serving.metrics).
         self.metrics: GatewayMetrics | None = None
@@ -148,7 +145,7 @@ class GatewayCore:
         self, message: gen_pb.GenerateRequest, owner: str
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         request = await self.off_loop(
-            validate, message, self.tokenizer, self.model_config.vocab_size, self.max_model_len
+            validate, message, self.tokenizer, self.model.vocab_size, self.max_model_len
         )
         public_id = request.request_id
         request = dataclasses.replace(request, request_id=namespaced(owner, public_id))
@@ -325,7 +322,7 @@ class GatewayCore:
         of its path (HTTP /health)."""
         router = self.router
         pools = [router.colocated] if router.is_colocated else [router.prefill, router.decode]
-        has_path = all(any(worker.healthy for worker in pool) for pool in pools)
+        has_path = all(any(worker.routable for worker in pool) for pool in pools)
         return has_path and self.store_available and not self.admission.is_draining
 
     async def close(self) -> None:
@@ -390,10 +387,11 @@ class GenerationServicer(gen_grpc.GenerationServicer):
         return gen_pb.ModelInfoResponse(
             model=core.model_name,
             max_model_len=core.max_model_len,
-            vocab_size=core.model_config.vocab_size,
+            vocab_size=core.model.vocab_size,
             block_size=core.block_size,
             num_prefill_workers=len(core.router.prefill or core.router.colocated),
             num_decode_workers=len(core.router.decode or core.router.colocated),
+            num_refused_workers=sum(w.refused is not None for w in core.router.workers),
         )
 
     async def Abort(

@@ -11,6 +11,7 @@ import threading
 import time
 
 from engine.config import EngineConfig
+from gateway.mesh_model import DeclaredModel
 from kvstore.local_redis import start_redis, stop_redis
 from pdmesh.cluster import START_TIMEOUT_S, GatewayGroup, LocalCluster
 from pdmesh.limits import ServingLimits
@@ -168,12 +169,23 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig, security: Security
         log_format=args.log_format,
         http_port=resolve_http_port(args.http_port, args.port) if args.role == "gateway" else None,
         served_model_name=args.served_model_name,
+        declared=declared_from(args),
     )
     is_gateway = args.role == "gateway"
     if is_gateway and args.gateway_processes > 1:
         return _serve_gateways(spec, args.gateway_processes)
     serve(spec, describe_gateway(security) if is_gateway else describe_workers(security, False))
     return 0
+
+
+def declared_from(args: argparse.Namespace) -> DeclaredModel:
+    """The engine flags (or ``PDMESH_*`` variables) given to a gateway: it checks them
+    against its workers and uses the workers' values."""
+    return DeclaredModel(
+        model=args.model or os.environ.get("PDMESH_MODEL") or None,
+        dtype=args.dtype or os.environ.get("PDMESH_DTYPE") or None,
+        max_model_len=args.max_model_len,
+    )
 
 
 def _serve_gateways(spec: ServiceSpec, count: int) -> int:

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING
 from decode_svc.service import ColocatedServicer, DecodeServicer
 from engine.config import CPU_THREADS_ENV, EngineConfig
 from engine.core.client import EngineCoreClient
-from engine.engine import cache_namespace
-from engine.model_source import load_model_config, resolve_model
 from engine.tokenizer import load_tokenizer
 from gateway.admission import Admission
+from gateway.mesh_model import DeclaredModel, adopt, tokenizer_source
 from gateway.openai_api import HTTPConfig
 from gateway.openai_server import OpenAIServer
 from gateway.peers import PeerLink
@@ -275,7 +274,7 @@ async def start_worker(
 
 
 async def start_gateway(
-    config: EngineConfig,
+    declared: DeclaredModel,
     store: KVStore,
     address: str,
     prefill: list[str],
@@ -292,6 +291,8 @@ async def start_gateway(
     siblings: tuple[str, ...] = (),
 ) -> tuple[Server, GatewayCore]:
     """The gateway: API keys (if any) on its port, the mesh secret on its calls to workers.
+    Its model, KV namespace and limits are its workers' (it waits until one answers);
+    ``declared``: engine flags given to the gateway, checked against them, never applied.
     ``metrics_port``: serve /metrics there (0: a free port; None: no metrics); the metrics
     are ``core.metrics``. ``http_port``: the OpenAI HTTP API there too, on the same core
     (``core.http``; 0: a free port; None: none)."""
@@ -322,9 +323,6 @@ async def start_gateway(
         await server.start()
     if metrics is not None:
         store = metrics.metered(store)
-    source = resolve_model(config.model)
-    model_config = load_model_config(source)
-    tokenizer = await asyncio.to_thread(load_tokenizer, source)
     router = Router(
         prefill,
         decode,
@@ -332,21 +330,14 @@ async def start_gateway(
         open_channel=functools.partial(worker_channel, security=security),
     )
     await router.start()
-    limit = model_config.max_position_embeddings
-    core = GatewayCore(
-        tokenizer,
-        model_config,
-        min(config.max_model_len or limit, limit),
-        router,
-        store,
-        source.path.name,
-        config.cache.block_size,
-        cache_namespace(source, model_config, config),
-        Admission(limits.max_in_flight),
-    )
+    # The model, KV namespace and limits are the workers': the gateway runs no engine.
+    model = await adopt(router, declared)
+    source = tokenizer_source(model, declared)
+    tokenizer = await asyncio.to_thread(load_tokenizer, source)
+    core = GatewayCore(tokenizer, model, router, store, Admission(limits.max_in_flight))
     if metrics is not None:
         core.metrics = metrics
-        metrics.watch(lambda: len(core.running), store)
+        metrics.watch(lambda: len(core.running), store, router.worker_states)
     ask_siblings = None
     if peer_address is not None:  # one of several gateway processes on this port
         peers = await PeerLink.start(core, peer_address, siblings)
@@ -436,7 +427,7 @@ class Mesh:
         # The engines load their models at the same time, each in its own process.
         self.workers = list(await asyncio.gather(*(one(i, r) for i, r in enumerate(roles))))
         self.gateway, self.core = await start_gateway(
-            config.engine,
+            DeclaredModel(),
             self.store,
             f"{config.host}:{config.gateway_port}",
             [w.address for w in self.workers if w.role == "prefill"],

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
+from gateway.mesh_model import DeclaredModel
 from kvstore.base import KVStore
 from kvstore.factory import open_store
 from pdmesh.limits import ServingLimits
@@ -67,6 +68,8 @@ class ServiceSpec:
     reuse_port: bool = False
     peer_address: str | None = None
     siblings: tuple[str, ...] = ()
+    #: The gateway: engine flags it was given, checked against its workers' (never applied).
+    declared: DeclaredModel = field(default_factory=DeclaredModel)
 
 
 @dataclass
@@ -85,7 +88,7 @@ async def start_service(spec: ServiceSpec) -> RunningService:
                 "the gateway needs --prefill-addr and --decode-addr, or --colocated-addr"
             )
         server, core = await start_gateway(
-            spec.engine,
+            spec.declared,
             store,
             spec.address,
             list(spec.prefill),

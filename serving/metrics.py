@@ -146,6 +146,26 @@ class StoreGauges(Collector):
             yield GaugeMetricFamily(name, help_text)
 
 
+class WorkerStates(Collector):
+    """``pdmesh_gateway_workers{role, state}``: the gateway's workers by state; ``refused``
+    ones serve another KV namespace than the mesh's and are never routed to."""
+
+    NAME = "pdmesh_gateway_workers"
+    HELP = "Workers of the gateway by role and state (serving, unreachable, refused)"
+
+    def __init__(self, read: Callable[[], dict[tuple[str, str], int]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["role", "state"])
+        for (role, state), count in sorted(self.read().items()):
+            family.add_metric([role, state], float(count))
+        yield family
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["role", "state"])
+
+
 class WorkerMetrics(ServiceMetrics):
     """A prefill, decode or colocated worker: its queue, batch, KV cache and store traffic."""
 
@@ -265,7 +285,15 @@ class GatewayMetrics(ServiceMetrics):
             "pdmesh_cached_prompt_tokens", "Prompt tokens served from a cache", registry=registry
         )
 
-    def watch(self, num_running: Callable[[], int], store: KVStore) -> None:
+    def watch(
+        self,
+        num_running: Callable[[], int],
+        store: KVStore,
+        worker_states: Callable[[], dict[tuple[str, str], int]] | None = None,
+    ) -> None:
+        """``worker_states``: (role, state) -> workers in it (serving, unreachable, refused)."""
+        if worker_states is not None:
+            self.registry.register(WorkerStates(worker_states))
         self.registry.register(
             LiveGauges(
                 [

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
 HEADER = "x-request-id"
 LOG_FORMATS = ("text", "json")
 #: RPCs that carry no request: polling and plumbing, counted but not logged.
-QUIET_METHODS = ("Load", "Check", "Watch", "ServerReflectionInfo", "ModelInfo", "Tokenize")
+QUIET_METHODS = ("Load", "Info", "Check", "Watch", "ServerReflectionInfo", "ModelInfo", "Tokenize")
 
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "pdmesh_request_id", default=None

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 
@@ -170,7 +171,24 @@ class WorkerBase:
     ) -> worker_pb.LoadReport:
         if not self.core.healthy:  # the router takes this worker out of rotation
             raise WorkerLostError("this worker is out of service")
-        return worker_pb.LoadReport(**dataclasses.asdict(self.core.load()))
+        load = dataclasses.asdict(self.core.load())
+        return worker_pb.LoadReport(**load, namespace=self.namespace)
+
+    async def Info(
+        self, request: worker_pb.WorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb.WorkerInfo:
+        info = self.core.info
+        assert info is not None  # the servicer is added once the engine has loaded
+        return worker_pb.WorkerInfo(
+            namespace=info.namespace,
+            model_name=Path(info.model_path).name,
+            model_path=info.model_path,
+            dtype=info.dtype,
+            block_size=info.block_size,
+            max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size,
+            device=info.device,
+        )
 
     @property
     def namespace(self) -> str:

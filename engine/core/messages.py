@@ -114,6 +114,9 @@ class EngineInfo:
     device: str
     #: The tensor-parallel follower processes (ranks 1..N-1) the core started.
     rank_pids: list[int] = field(default_factory=list)
+    #: Where the model was loaded from (a directory or a .gguf file), and its dtype.
+    model_path: str = ""
+    dtype: str = ""
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):

@@ -56,6 +56,11 @@ class PrefillWorkerStub:
                 request_serializer=pdmesh_dot_v1_dot_worker__pb2.LoadRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_worker__pb2.LoadReport.FromString,
                 _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/pdmesh.v1.PrefillWorker/Info',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+                _registered_method=True)
 
 
 class PrefillWorkerServicer:
@@ -89,6 +94,13 @@ class PrefillWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Info(self, request, context):
+        """The model and KV layout this worker serves; the gateway adopts them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +118,11 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     servicer.Load,
                     request_deserializer=pdmesh_dot_v1_dot_worker__pb2.LoadRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.WorkerInfoRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -206,6 +223,33 @@ class PrefillWorker:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.PrefillWorker/Info',
+            pdmesh_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DecodeWorkerStub:
     """Continues requests from their first token: pulls the prompt's KV blocks from the store
@@ -234,6 +278,11 @@ class DecodeWorkerStub:
                 '/pdmesh.v1.DecodeWorker/Load',
                 request_serializer=pdmesh_dot_v1_dot_worker__pb2.LoadRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_worker__pb2.LoadReport.FromString,
+                _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/pdmesh.v1.DecodeWorker/Info',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
 
 
@@ -265,6 +314,13 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Info(self, request, context):
+        """The model and KV layout this worker serves; the gateway adopts them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -282,6 +338,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Load,
                     request_deserializer=pdmesh_dot_v1_dot_worker__pb2.LoadRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.WorkerInfoRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -379,6 +440,33 @@ class DecodeWorker:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.DecodeWorker/Info',
+            pdmesh_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ColocatedWorkerStub:
     """Runs whole requests on one engine: prefill chunks and decodes share each forward pass
@@ -406,6 +494,11 @@ class ColocatedWorkerStub:
                 '/pdmesh.v1.ColocatedWorker/Load',
                 request_serializer=pdmesh_dot_v1_dot_worker__pb2.LoadRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_worker__pb2.LoadReport.FromString,
+                _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/pdmesh.v1.ColocatedWorker/Info',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
 
 
@@ -436,6 +529,13 @@ class ColocatedWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Info(self, request, context):
+        """The model and KV layout this worker serves; the gateway adopts them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ColocatedWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -453,6 +553,11 @@ def add_ColocatedWorkerServicer_to_server(servicer, server):
                     servicer.Load,
                     request_deserializer=pdmesh_dot_v1_dot_worker__pb2.LoadRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.WorkerInfoRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -539,6 +644,33 @@ class ColocatedWorker:
             '/pdmesh.v1.ColocatedWorker/Load',
             pdmesh_dot_v1_dot_worker__pb2.LoadRequest.SerializeToString,
             pdmesh_dot_v1_dot_worker__pb2.LoadReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.ColocatedWorker/Info',
+            pdmesh_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
             options,
             channel_credentials,
             insecure,
