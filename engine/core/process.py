@@ -300,7 +300,7 @@ def _build(spec: CoreSpec) -> tuple[Engine, EngineInfo, Any]:
         transfer_path=transfer_path(store) if store is not None else "none",
         device=str(engine.runner.device),
         rank_pids=[] if engine.leader is None else [p.pid or 0 for p in engine.leader.followers],
-        model_path=str(engine.source.path),
+        model_path=str(engine.source.path.absolute()),
         dtype=engine.config.dtype,
     )
     return engine, info, registry
