@@ -338,6 +338,19 @@ def test_penalties_and_vllm_fields_reach_the_sampler_as_on_grpc(
     assert text_of(http) == grpc_generate(mesh, request).text
     plain = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=NEW_TOKENS)
     assert text_of(plain) != text_of(http)
+    # temperature, top_p and seed: a seeded sample is the gRPC path's, and a nucleus of
+    # almost nothing leaves only the most likely token (the greedy answer).
+    sampled = dict(temperature=1.0, top_p=0.9, seed=3)
+    http_sampled = client.completions.create(
+        model=MODEL, prompt=PROMPTS[2], max_tokens=NEW_TOKENS, **sampled
+    )
+    request = to_request(PROMPTS[2], max_tokens=NEW_TOKENS, **sampled)
+    assert text_of(http_sampled) == grpc_generate(mesh, request).text
+    greedy = http_greedy(client, PROMPTS[2], max_tokens=NEW_TOKENS, temperature=0)
+    nucleus = client.completions.create(
+        model=MODEL, prompt=PROMPTS[2], max_tokens=NEW_TOKENS, temperature=1.0, top_p=1e-6, seed=3
+    )
+    assert text_of(nucleus) == text_of(greedy) != text_of(http_sampled)
     assert http.usage.completion_tokens == NEW_TOKENS and http.choices[0].finish_reason == "length"
     # stop_token_ids: the first greedy token ends it.
     first_token = grpc_generate(mesh, to_request(PROMPTS[2], max_tokens=1, temperature=0))
