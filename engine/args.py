@@ -14,6 +14,7 @@ from typing import Any
 from engine.config import (
     DTYPES,
     OFFLOAD_KINDS,
+    SCHEDULING_POLICIES,
     CacheConfig,
     EngineConfig,
     OffloadConfig,
@@ -58,6 +59,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     for name, (kind, text) in ENGINE_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=kind, help=f"{text}; PDMESH_{name.upper()}")
+    parser.add_argument(
+        "--scheduling-policy",
+        choices=SCHEDULING_POLICIES,
+        help="order requests run in: fcfs (default), priority (the request's priority, lower "
+        "first) or mlfq (FastServe's skip-join multi-level feedback queue); "
+        "PDMESH_SCHEDULING_POLICY",
+    )
     parser.add_argument(
         "--enforce-eager",
         action="store_true",
@@ -118,7 +126,11 @@ def engine_config_from(
         load_format=_setting(args, "load_format", environ),
         quantization=_setting(args, "quantization", environ),
         enforce_eager=eager,
-        scheduler=SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=tokens),
+        scheduler=SchedulerConfig(
+            max_num_seqs=seqs,
+            max_num_batched_tokens=tokens,
+            policy=_setting(args, "scheduling_policy", environ) or "fcfs",
+        ),
         cache=CacheConfig(**{k: v for k, v in cache.items() if v is not None}),
         offload=offload,
     )

@@ -48,6 +48,8 @@ class Sequence:
     params: SamplingParams
     eos_token_ids: frozenset[int]
     arrival_time: float = field(default_factory=time.monotonic)
+    #: Scheduling priority under the ``priority`` policy: lower runs first (vLLM's rule).
+    priority: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     #: Physical KV block ids, in order.
