@@ -168,9 +168,11 @@ class Engine:
         request_id: str | None = None,
         output_token_ids: list[int] | None = None,
         kv_import: list[BlockHash] | None = None,
+        priority: int = 0,
     ) -> str:
         """Queues a request. A decode-role request continues after ``output_token_ids`` (its
-        first token) and names its prompt's blocks in the store with ``kv_import``."""
+        first token) and names its prompt's blocks in the store with ``kv_import``.
+        ``priority`` orders requests under the ``priority`` policy (lower first)."""
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -187,6 +189,7 @@ class Engine:
             eos_token_ids=frozenset(self.model_config.eos_token_ids),
             output_token_ids=list(output_token_ids or []),
             kv_import=kv_import,
+            priority=priority,
         )
         seq.generator = self._generator_for(params)
         self.requests[request_id] = seq
@@ -194,7 +197,11 @@ class Engine:
         return request_id
 
     def prefetch(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
     ) -> None:
         """Decode role, pipelined hand-off: reserves blocks for a prompt that a prefill worker
         is computing now and pulls its blocks as they reach the store; ``resume`` continues it
@@ -209,6 +216,7 @@ class Engine:
             prompt_token_ids=list(prompt_token_ids),
             params=params,
             eos_token_ids=frozenset(self.model_config.eos_token_ids),
+            priority=priority,
         )
         seq.generator = self._generator_for(params)
         self.requests[request_id] = seq

@@ -161,24 +161,26 @@ class Scheduler:
 
     def _make_room(self, budget: int) -> None:
         """Ranked policies: waiting requests, best first, preempt the running requests they
-        outrank (the policy's victim first) until their first chunk fits; the first one that
-        cannot be given room ends it (requests after it outrank fewer)."""
+        outrank (the policy's victim first) until their first chunk fits beside the ones
+        before them; the first one that cannot be given room ends it (requests after it
+        outrank fewer)."""
         budget -= sum(1 for s in self.running if is_decoding(s))
-        for seq in list(self.waiting):
+        num_blocks = 0  # taken by the requests before this one (num_seats of them)
+        for num_seats, seq in enumerate(list(self.waiting)):
             if budget <= 0:
                 return
             hits, import_tokens, num_tokens = self._admission_need(seq, budget)
-            while not self._has_room_for(seq, import_tokens + num_tokens, hits):
+            needed = self.blocks.num_new_blocks(seq, import_tokens + num_tokens, hits)
+            while (
+                len(self.running) + num_seats >= self.config.max_num_seqs
+                or needed + num_blocks > self.blocks.num_free_blocks
+            ):
                 victims = [s for s in self.running if self.policy.outranks(seq, s)]
                 if not victims:
                     return
                 self._preempt(self.policy.victim(victims))
             budget -= num_tokens
-
-    def _has_room_for(self, seq: Sequence, num_tokens: int, hits: list[int]) -> bool:
-        return len(self.running) < self.config.max_num_seqs and self.blocks.can_allocate(
-            seq, num_tokens, hits
-        )
+            num_blocks += needed
 
     def _admission_need(self, seq: Sequence, budget: int) -> tuple[list[int], int, int]:
         """Local prefix hits, tokens to import from the store, tokens to compute (at most

@@ -12,8 +12,12 @@ keeps the mechanics (token budget, chunked prefill, blocks); the policy only ran
 
 from __future__ import annotations
 
+import itertools
+
 from engine.config import SchedulerConfig
 from engine.sequence import Sequence
+
+Rank = tuple[int, int]
 
 
 class SchedulingPolicy:
@@ -49,7 +53,48 @@ class SchedulingPolicy:
         return candidates[-1]
 
 
+class RankedPolicy(SchedulingPolicy):
+    """Serves by a rank, lowest first; arrival order breaks ties, so the victim, the highest
+    rank, is the newest among equals."""
+
+    preempts_for_waiting = True
+
+    def __init__(self) -> None:
+        self._arrivals = itertools.count()
+        self._arrival: dict[Sequence, int] = {}
+
+    def add(self, seq: Sequence) -> None:
+        self._arrival[seq] = next(self._arrivals)
+
+    def forget(self, seq: Sequence) -> None:
+        self._arrival.pop(seq, None)
+
+    def level(self, seq: Sequence) -> int:
+        raise NotImplementedError
+
+    def rank(self, seq: Sequence) -> Rank:
+        return self.level(seq), self._arrival[seq]
+
+    def order(self, seqs: list[Sequence]) -> list[Sequence]:
+        return sorted(seqs, key=self.rank)
+
+    def outranks(self, seq: Sequence, other: Sequence) -> bool:
+        return self.level(seq) < self.level(other)
+
+    def victim(self, candidates: list[Sequence]) -> Sequence:
+        return max(candidates, key=self.rank)
+
+
+class PriorityPolicy(RankedPolicy):
+    name = "priority"
+
+    def level(self, seq: Sequence) -> int:
+        return seq.priority
+
+
 def make_policy(config: SchedulerConfig) -> SchedulingPolicy:
-    if config.policy != "fcfs":
-        raise NotImplementedError(f"scheduling policy {config.policy!r} is not built yet")
+    if config.policy == "priority":
+        return PriorityPolicy()
+    if config.policy == "mlfq":
+        raise NotImplementedError("scheduling policy 'mlfq' is not built yet")
     return SchedulingPolicy()
