@@ -13,6 +13,7 @@ from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduling_policy import MLFQPolicy
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -21,6 +22,7 @@ class Request:
     arrival_step: int
     prompt: list[int]
     max_tokens: int
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ def workloads(draw: st.DrawFn) -> Workload:
                 arrival_step=draw(st.integers(0, 12)),
                 prompt=prompt or [draw(token)],
                 max_tokens=draw(st.integers(1, 16)),
+                priority=draw(st.integers(0, 3)),
             )
         )
     # Like Engine._validate: every request fits the cache on its own.
@@ -101,6 +104,19 @@ class Tracker:
     counts: dict[str, list[int]] = field(default_factory=dict)
     hit_tokens: dict[str, int] = field(default_factory=dict)
     admission_order: list[str] = field(default_factory=list)
+    #: Steps each request has gone without running, now and at the longest.
+    gaps: dict[str, int] = field(default_factory=dict)
+    max_gaps: dict[str, int] = field(default_factory=dict)
+
+    def note_gaps(self, scheduler: Scheduler, out: SchedulerOutput) -> None:
+        ran = {c.seq.request_id for c in out.chunks}
+        for seq in [*scheduler.running, *scheduler.waiting]:
+            rid = seq.request_id
+            self.gaps[rid] = 0 if rid in ran else self.gaps.get(rid, 0) + 1
+            self.max_gaps[rid] = max(self.max_gaps.get(rid, 0), self.gaps[rid])
+            policy = scheduler.policy
+            if isinstance(policy, MLFQPolicy) and self.gaps[rid] > policy.config.promotion_period:
+                assert policy.level(seq) == 0, f"{rid} starves below level 0"
 
     def prefix_keys(self, seq: Sequence) -> list[object]:
         keys = self.keys.setdefault(seq.request_id, [])
@@ -175,6 +191,13 @@ def check_queues(scheduler: Scheduler, arrival_rank: dict[str, int]) -> None:
     exactly the unreferenced ones; only running sequences hold blocks. First come, first
     served: the running batch is the earliest arrivals, in order, and the waiting queue the
     rest, in order (a preempted request resumes before anything that arrived after it)."""
+    check_blocks(scheduler)
+    order = [arrival_rank[s.request_id] for s in [*scheduler.running, *scheduler.waiting]]
+    assert order == sorted(order)
+
+
+def check_blocks(scheduler: Scheduler) -> None:
+    """No leaked or duplicated blocks, whatever the policy."""
     allocator = scheduler.blocks.allocator
     holders = [0] * allocator.num_blocks
     for seq in scheduler.running:
@@ -184,21 +207,35 @@ def check_queues(scheduler: Scheduler, arrival_rank: dict[str, int]) -> None:
     assert all(not seq.block_table for seq in scheduler.waiting)
     assert allocator.ref_counts == holders
     assert set(allocator.free_queue) == {b for b, n in enumerate(holders) if n == 0}
-    order = [arrival_rank[s.request_id] for s in [*scheduler.running, *scheduler.waiting]]
-    assert order == sorted(order)
+    assert len({id(s) for s in [*scheduler.running, *scheduler.waiting]}) == len(
+        scheduler.running
+    ) + len(scheduler.waiting), "a sequence is queued twice"
 
 
-def run(workload: Workload) -> tuple[list[Sequence], Tracker, int]:
+def run(
+    workload: Workload, config: SchedulerConfig | None = None
+) -> tuple[list[Sequence], Tracker, int]:
+    """Runs ``workload`` to its end under ``config``'s policy (default fcfs), checking every
+    step; ``Tracker.max_gaps`` records how long each request went without running."""
     block_manager = BlockManager(
         workload.num_blocks, workload.block_size, b"props", workload.prefix_caching
     )
-    config = SchedulerConfig(
-        max_num_seqs=workload.max_num_seqs, max_num_batched_tokens=workload.budget
+    config = replace(
+        config or SchedulerConfig(),
+        max_num_seqs=workload.max_num_seqs,
+        max_num_batched_tokens=workload.budget,
     )
+    is_fcfs = config.policy == "fcfs"
     scheduler = Scheduler(config, block_manager)
     tracker = Tracker(workload.block_size)
     seqs = [
-        Sequence(str(i), list(r.prompt), SamplingParams(max_tokens=r.max_tokens), frozenset())
+        Sequence(
+            str(i),
+            list(r.prompt),
+            SamplingParams(max_tokens=r.max_tokens),
+            frozenset(),
+            priority=r.priority,
+        )
         for i, r in enumerate(workload.requests)
     ]
     sorted_arrivals = sorted(range(len(seqs)), key=lambda i: workload.requests[i].arrival_step)
@@ -218,6 +255,7 @@ def run(workload: Workload) -> tuple[list[Sequence], Tracker, int]:
         out = scheduler.schedule()
         assert out.chunks or not scheduler.has_unfinished, "work left but nothing scheduled"
         check_step(scheduler, out, tracker, decoding, preemptions)
+        tracker.note_gaps(scheduler, out)
         for chunk in out.chunks:  # as Engine.step applies a step
             seq = chunk.seq
             seq.num_computed_tokens = chunk.end
@@ -226,14 +264,14 @@ def run(workload: Workload) -> tuple[list[Sequence], Tracker, int]:
                 seq.append_token(fake_token(seq), None)
                 if len(seq.output_token_ids) >= seq.params.max_tokens:
                     scheduler.finish(seq, FinishReason.LENGTH)
-        check_queues(scheduler, arrival_rank)
+        check_queues(scheduler, arrival_rank) if is_fcfs else check_blocks(scheduler)
         step += 1
         assert step <= max_steps, "a request starves"
     allocator = block_manager.allocator
     assert allocator.num_used == 0 and set(allocator.ref_counts) == {0}
     assert allocator.num_free == workload.num_blocks
-    # First admissions happen in arrival order.
-    assert tracker.admission_order == [seqs[i].request_id for i in sorted_arrivals]
+    if is_fcfs:  # first admissions happen in arrival order
+        assert tracker.admission_order == [seqs[i].request_id for i in sorted_arrivals]
     return seqs, tracker, step
 
 

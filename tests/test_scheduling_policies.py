@@ -4,6 +4,8 @@ victims with exact block ids, queue placement, demotion and promotion. Pure Pyth
 
 from __future__ import annotations
 
+from engine.config import MLFQConfig
+from engine.scheduling_policy import MLFQPolicy
 from engine.sequence import SequenceStatus
 from tests.test_scheduler_plans import Driver, tokens
 
@@ -86,3 +88,85 @@ def test_a_waiting_request_takes_budget_before_running_prompts_it_outranks() -> 
         plans[policy] = sim.step()
     assert plans["fcfs"] == [("L", 16, 32)]
     assert plans["priority"] == [("H", 0, 8), ("L", 16, 24)]
+
+
+MLFQ = MLFQConfig(
+    num_levels=3, base_quantum=2, quantum_growth=2, join_prompt_tokens=8, promotion_period=3
+)
+
+
+def mlfq_driver(max_num_seqs: int, budget: int = 32) -> Driver:
+    return Driver(
+        budget=budget, max_num_seqs=max_num_seqs, num_blocks=64, block_size=4, policy="mlfq",
+        mlfq=MLFQ,
+    )  # fmt: skip
+
+
+def test_mlfq_skip_join_places_a_request_by_its_prompt_length() -> None:
+    policy = MLFQPolicy(MLFQ)
+    # Level 0 takes prompts up to 8 tokens, level 1 up to 16, the last level the rest.
+    assert [policy.join_level(n) for n in (1, 8, 9, 16, 17, 10_000)] == [0, 0, 1, 1, 2, 2]
+    assert [policy.quantum(level) for level in range(3)] == [2, 4, None]
+    sim = mlfq_driver(max_num_seqs=4)
+    for name, length in (("long", 20), ("mid", 12), ("short", 3)):
+        sim.add(name, tokens(0, length), max_tokens=1)
+    assert sim.waiting == ["long", "mid", "short"]
+    assert sim.step() == [("short", 0, 3), ("mid", 0, 12), ("long", 0, 17)]  # in level order
+
+
+def test_mlfq_demotes_after_each_levels_quantum_of_generated_tokens() -> None:
+    sim = mlfq_driver(max_num_seqs=1)
+    seq = sim.add("A", tokens(0, 4), max_tokens=10)
+    policy = sim.scheduler.policy
+    assert isinstance(policy, MLFQPolicy)
+    levels = []
+    for _ in range(9):
+        sim.step()
+        levels.append(policy.level(seq))
+    # 2 tokens at level 0, 4 at level 1, the rest at the last level.
+    assert levels == [0, 0, 1, 1, 1, 1, 2, 2, 2]
+    sim.step()
+    assert seq.is_finished and len(seq.output_token_ids) == 10
+    sim.assert_all_free()
+
+
+def test_mlfq_a_new_short_request_preempts_a_demoted_long_one() -> None:
+    plans = {}
+    for policy in ("fcfs", "mlfq"):
+        sim = (
+            mlfq_driver(max_num_seqs=1)
+            if policy == "mlfq"
+            else Driver(budget=32, max_num_seqs=1, num_blocks=64, block_size=4)
+        )
+        long = sim.add("L", tokens(0, 6), max_tokens=8)
+        assert sim.step() == [("L", 0, 6)] and long.block_table == [0, 1]
+        sim.step(), sim.step()  # two more tokens: L is at level 1 from the next step
+        sim.add("S", tokens(100, 4), max_tokens=2)
+        plans[policy] = [sim.step() for _ in range(4)]
+        assert long.num_preemptions == (policy == "mlfq")
+        if policy == "mlfq":  # L freed 1, 0 (tail first); S took 2 and 3 and freed them
+            assert list(sim.blocks.allocator.free_queue)[-4:] == [1, 0, 3, 2]
+            assert long.block_table == [4, 5, 6]
+    assert plans["fcfs"] == [[("L", 8, 9)], [("L", 9, 10)], [("L", 10, 11)], [("L", 11, 12)]]
+    # S outranks L (level 0 < 1): L is preempted; S runs to its end, then L recomputes its
+    # 6 prompt and 3 output tokens.
+    assert plans["mlfq"] == [[("S", 0, 4)], [("S", 4, 5)], [("L", 0, 9)], [("L", 9, 10)]]
+
+
+def test_mlfq_promotes_a_starved_request_to_level_zero() -> None:
+    sim = mlfq_driver(max_num_seqs=1, budget=16)
+    short = sim.add("S", tokens(0, 4), max_tokens=10)  # level 0
+    long = sim.add("L", tokens(100, 20), max_tokens=1)  # skip-joins level 2
+    policy = sim.scheduler.policy
+    assert isinstance(policy, MLFQPolicy)
+    assert [sim.step() for _ in range(3)] == [[("S", 0, 4)], [("S", 4, 5)], [("S", 5, 6)]]
+    assert (policy.level(short), policy.level(long)) == (1, 2)  # S demoted at step 3
+    # L has not run for more than 3 steps: back to level 0, where it outranks S.
+    assert sim.step() == [("L", 0, 16)]
+    assert policy.level(long) == 0 and short.status is SequenceStatus.WAITING
+    assert sim.step() == [("L", 16, 20)]
+    assert long.is_finished
+    while sim.scheduler.has_unfinished:
+        sim.step()
+    assert len(short.output_token_ids) == 10
+    sim.assert_all_free()
