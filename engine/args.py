@@ -32,6 +32,7 @@ ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
     "quantization": (str, "int8 (weight-only) or fp8 (W8A8) linear weights, quantized at load"),
     "offload_weights": (str, "where layers beyond the GPU budget stay: " + "|".join(OFFLOAD_KINDS)),
     "gpu_weight_budget_gib": (float, "device GiB for weights under offload (default: all stream)"),
+    "swap_space_gib": (float, "host GiB for preempted requests' KV (default 0: recompute)"),
 }
 GPU_MAX_NUM_SEQS = 256
 CPU_MAX_NUM_SEQS = 64
@@ -112,6 +113,7 @@ def engine_config_from(
         "num_blocks": _setting(args, "num_kv_blocks", environ),
         "handoff_lane_mib": getattr(args, "handoff_lane_mib", None),
         "gpu_memory_utilization": _setting(args, "gpu_memory_utilization", environ),
+        "swap_space_gib": _setting(args, "swap_space_gib", environ),
     }
     eager = getattr(args, "enforce_eager", None)
     if eager is None:

@@ -265,6 +265,10 @@ class CacheConfig:
     #: Share of the device's memory this worker may hold in all (weights, KV cache,
     #: activations); workers sharing a GPU each get their own share (``pdmesh up`` divides).
     gpu_memory_utilization: float = 0.9
+    #: Host memory, GiB, for the KV blocks of preempted requests (``engine.swap``): a victim
+    #: is copied out and back when that is cheaper than recomputing it; 0: always recompute.
+    #: Tensor-parallel workers recompute.
+    swap_space_gib: float = 0.0
 
     def resolved_async_retain(self, device_type: str) -> bool:
         return self.async_retain if self.async_retain is not None else device_type == "cuda"
@@ -276,6 +280,8 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.handoff_lane_mib is not None and self.handoff_lane_mib < 0:
             raise ValueError(f"handoff_lane_mib must be >= 0, got {self.handoff_lane_mib}")
+        if self.swap_space_gib < 0:
+            raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

@@ -6,6 +6,7 @@ step():  schedule  ->  run the model  ->  append tokens, retire finished request
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ from engine.sequence import (
     SequenceStatus,
     TokenLogprob,
 )
+from engine.swap import Swapper
 from kvstore.base import KVStore
 from kvstore.block_hash import BlockHash
 from kvstore.errors import KVStoreError
@@ -127,7 +129,13 @@ class Engine:
             cache_namespace(self.source, self.model_config, config),
             config.cache.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.swapper = None
+        if config.cache.swap_space_gib > 0 and self.leader is None:
+            self.swapper = Swapper(
+                self.runner.kv_cache, config.cache.swap_space_gib, config.cache.block_size
+            )
+        swap_space = self.swapper.space if self.swapper else None
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, swap_space)
         self.kv = None
         if kv_store is not None:
             lane = open_lane(kv_store, self.runner, config.cache.handoff_lane_mib, publish_kv)
@@ -323,11 +331,15 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if self.kv is not None and not self.publish_kv:
             for seq in scheduled.preempted:
-                # Resume from the prompt blocks still in the store rather than recomputing.
-                seq.kv_import = self.kv.stored_prefix(seq.prompt_token_ids)
+                if not seq.host_block_table:
+                    # Resume from the prompt blocks still in the store rather than recomputing.
+                    seq.kv_import = self.kv.stored_prefix(seq.prompt_token_ids)
+        if self.swapper is not None:
+            self.swapper.copy(scheduled.swap_out, scheduled.swap_in)
         chunks = self._import_blocks(scheduled)
         if not chunks:
             return self._take_in_flight()
+        started = time.perf_counter()
         logits = self.runner.launch(chunks, self._in_flight)
         for observe in self.step_observers:
             observe(chunks)
@@ -337,6 +349,7 @@ class Engine:
             self._advance(chunk)
         if logits is None:
             return outputs
+        self._observe_prefill(chunks, started)
         rows = [c.seq for c in chunks if c.completes]
         if self._defers(rows):
             self._in_flight = self.runner.greedy_on_device(logits, rows)
@@ -351,6 +364,16 @@ class Engine:
                 outputs.append(self._emit(seq, token_id, logprob))
         # A request whose previous token was still on the device reports two tokens now.
         return merge_outputs(outputs) if flight_reported else outputs
+
+    def _observe_prefill(self, chunks: list[ScheduledChunk], started: float) -> None:
+        """A step that is mostly prompt tokens measures the prefill rate swapping is weighed
+        against (on CUDA the logits are still in flight: the rate is an upper bound)."""
+        if self.swapper is None:
+            return
+        num_tokens = sum(c.num_tokens for c in chunks)
+        num_prompt = sum(c.num_tokens for c in chunks if c.num_tokens > 1)
+        if num_prompt * 2 >= num_tokens:
+            self.swapper.cost.observe_prefill(num_tokens, time.perf_counter() - started)
 
     def _import_blocks(self, scheduled: SchedulerOutput) -> list[ScheduledChunk]:
         """Fills imported blocks from the store; returns the chunks that can run."""

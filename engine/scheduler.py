@@ -17,6 +17,7 @@ from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.scheduling_policy import make_policy
 from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.swap import SwapSpace
 from kvstore.block_hash import BlockHash
 
 
@@ -56,6 +57,10 @@ class SchedulerOutput:
     imports: list[BlockImport]
     #: Sequences preempted this step (their blocks are freed; they wait to resume).
     preempted: list[Sequence]
+    #: (device block, host block) copies to make before the step runs, swap-outs first:
+    #: a swapped-out block may be handed to a swapped-in one in the same step.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -80,9 +85,18 @@ def is_decoding(seq: Sequence) -> bool:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    """``swap`` (optional) is a host block pool: a preempted request whose KV the pool can
+    hold, and that ``swap.should_swap`` says is cheaper to copy than to recompute, is swapped
+    out to it and swapped back in when it resumes."""
+
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, swap: SwapSpace | None = None
+    ) -> None:
         self.config = config
         self.blocks = block_manager
+        self.swap = swap
+        self._swap_out: list[tuple[int, int]] = []
+        self._swap_in: list[tuple[int, int]] = []
         self.policy = make_policy(config)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -106,6 +120,7 @@ class Scheduler:
         running prompts it outranks continue only after it is admitted."""
         plan = _StepPlan(self.config.max_num_batched_tokens)
         self._preempted_this_step = []
+        self._swap_out, self._swap_in = [], []
         self._short_of_blocks = False
         self.policy.begin_step([*self.running, *self.waiting])
         self._order_queues()
@@ -124,7 +139,9 @@ class Scheduler:
         self._admit_waiting(plan)
         self._continue_prompts(plan, behind)
         self.policy.scheduled([c.seq for c in plan.chunks])
-        return SchedulerOutput(plan.chunks, plan.imports, self._preempted_this_step)
+        return SchedulerOutput(
+            plan.chunks, plan.imports, self._preempted_this_step, self._swap_out, self._swap_in
+        )
 
     def _order_queues(self) -> None:
         self.running[:] = self.policy.order(self.running)
@@ -186,6 +203,9 @@ class Scheduler:
         """Local prefix hits, tokens to import from the store, tokens to compute (at most
         ``budget``) for admitting ``seq``."""
         block_size = self.blocks.block_size
+        if seq.host_block_table:  # swapped out: its computed tokens come back by copy
+            num_tokens = seq.num_tokens - seq.num_swapped_tokens
+            return [], seq.num_swapped_tokens, min(num_tokens, budget)
         hits = self.blocks.match_prefix(seq)
         import_tokens = 0
         if seq.kv_import is not None:
@@ -202,7 +222,7 @@ class Scheduler:
         block_size = self.blocks.block_size
         hits, import_tokens, num_tokens = self._admission_need(seq, budget)
         if not self.blocks.can_allocate(seq, import_tokens + num_tokens, hits):
-            if seq.kv_import is not None:
+            if seq.kv_import is not None or seq.host_block_table:
                 return None
             num_tokens = self._fit_admission(seq, num_tokens, hits)
             if num_tokens == 0:
@@ -210,7 +230,9 @@ class Scheduler:
         self.waiting.popleft()
         self.blocks.allocate(seq, import_tokens + num_tokens, hits)
         block_import = None
-        if import_tokens:
+        if seq.host_block_table:
+            self._swap_back_in(seq)
+        elif import_tokens:
             first = len(hits)
             last = first + -(-import_tokens // block_size)
             block_import = BlockImport(
@@ -255,10 +277,32 @@ class Scheduler:
 
     def requeue(self, seq: Sequence) -> None:
         """Puts an admitted sequence back at the front of the queue to be recomputed."""
-        self._preempt(seq)
+        self._preempt(seq, may_swap=False)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _swap_back_in(self, seq: Sequence) -> None:
+        """Copies of a resumed request's host blocks into the device blocks it now holds."""
+        assert self.swap is not None
+        host_ids = seq.host_block_table
+        self._swap_in.extend(zip(seq.block_table[: len(host_ids)], host_ids, strict=True))
+        for block_id in host_ids:
+            self.swap.allocator.free(block_id)  # read this step, before any later swap-out
+        seq.host_block_table = []
+        seq.num_computed_tokens = seq.num_swapped_tokens
+        seq.num_swapped_tokens = 0
+
+    def _swap_out_of(self, seq: Sequence) -> None:
+        """Moves the blocks of ``seq``'s computed tokens to host blocks (freed on device)."""
+        assert self.swap is not None
+        num_blocks = self.blocks.blocks_needed(seq.num_computed_tokens)
+        host_ids = [self.swap.allocator.allocate() for _ in range(num_blocks)]
+        self._swap_out.extend(zip(seq.block_table[:num_blocks], host_ids, strict=True))
+        seq.host_block_table = host_ids
+        seq.num_swapped_tokens = seq.num_computed_tokens
+
+    def _preempt(self, seq: Sequence, may_swap: bool = True) -> None:
         self.running.remove(seq)
+        if may_swap and self.swap is not None and self.swap.takes(seq, self.blocks):
+            self._swap_out_of(seq)
         self.blocks.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -273,6 +317,11 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.blocks.free(seq)
+        if seq.host_block_table:
+            assert self.swap is not None
+            for block_id in seq.host_block_table:
+                self.swap.allocator.free(block_id)
+            seq.host_block_table, seq.num_swapped_tokens = [], 0
         self.policy.forget(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

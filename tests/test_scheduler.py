@@ -23,7 +23,11 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_llm(
-    directory: Path, num_blocks: int, max_num_seqs: int = 32, policy: str = "fcfs"
+    directory: Path,
+    num_blocks: int,
+    max_num_seqs: int = 32,
+    policy: str = "fcfs",
+    swap_space_gib: float = 0.0,
 ) -> LLM:
     # Small MLFQ quanta so that demotions, promotions and preemptions all happen.
     mlfq = MLFQConfig(base_quantum=3, join_prompt_tokens=16, promotion_period=6)
@@ -34,7 +38,7 @@ def tiny_llm(
         EngineConfig(
             model=str(directory),
             device="cpu",
-            cache=CacheConfig(block_size=8, num_blocks=num_blocks),
+            cache=CacheConfig(block_size=8, num_blocks=num_blocks, swap_space_gib=swap_space_gib),
             scheduler=scheduler,
         )
     )
@@ -141,3 +145,17 @@ def test_policies_preempt_yet_keep_greedy_tokens(tiny_dir: Path, policy: str) ->
     for index in (0, 1, 2):
         reference = hf_greedy(hf, prompts[index], params[index].max_tokens)
         assert done[ids[index]].token_ids[: len(reference)] == reference
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "mlfq"])
+def test_swapped_requests_resume_with_the_same_greedy_tokens(tiny_dir: Path, policy: str) -> None:
+    prompts, params = workload(40)
+    llm = tiny_llm(tiny_dir, num_blocks=24, max_num_seqs=8, policy=policy, swap_space_gib=0.01)
+    swapper = llm.engine.swapper
+    assert swapper is not None and swapper.space.allocator.num_blocks > 24
+    outputs = llm.generate(prompts, params)
+    assert swapper.num_swapped_out > 0 and swapper.num_swapped_in == swapper.num_swapped_out
+    assert swapper.space.allocator.num_free == swapper.space.allocator.num_blocks
+    assert llm.engine.block_manager.allocator.num_used == 0
+    expected = tiny_llm(tiny_dir, num_blocks=4096).generate(prompts, params)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]

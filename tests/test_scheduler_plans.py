@@ -11,6 +11,7 @@ from engine.config import MLFQConfig, SchedulerConfig
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.swap import SwapSpace
 from kvstore.block_hash import hash_full_blocks
 
 Plan = list[tuple[str, int, int]]
@@ -34,6 +35,7 @@ class Driver:
         prefix_caching: bool = False,
         policy: str = "fcfs",
         mlfq: MLFQConfig | None = None,
+        swap_blocks: int = 0,
     ) -> None:
         self.blocks = BlockManager(num_blocks, block_size, b"plans", prefix_caching)
         config = SchedulerConfig(
@@ -42,7 +44,8 @@ class Driver:
             policy=policy,
             mlfq=mlfq or MLFQConfig(),
         )
-        self.scheduler = Scheduler(config, self.blocks)
+        swap = SwapSpace(swap_blocks, lambda seq: True) if swap_blocks else None
+        self.scheduler = Scheduler(config, self.blocks, swap)
         self.last: SchedulerOutput | None = None
         #: Block table of each request scheduled in the last step, as the model saw it.
         self.tables: dict[str, list[int]] = {}

@@ -15,6 +15,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.scheduling_policy import MLFQPolicy
 from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.swap import SwapSpace
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class Tracker:
     block_size: int
     #: key of (block id, offset): which token prefix the K/V in that slot belongs to.
     shadow_kv: dict[int, list[object]] = field(default_factory=dict)
+    #: the same for host blocks (swapping).
+    shadow_host: dict[int, list[object]] = field(default_factory=dict)
     #: prefix keys of each sequence: keys[p] identifies token_ids[: p + 1].
     keys: dict[str, list[object]] = field(default_factory=dict)
     lives: dict[str, Life] = field(default_factory=dict)
@@ -107,6 +110,19 @@ class Tracker:
     #: Steps each request has gone without running, now and at the longest.
     gaps: dict[str, int] = field(default_factory=dict)
     max_gaps: dict[str, int] = field(default_factory=dict)
+
+    def apply_swaps(self, out: SchedulerOutput) -> frozenset[str]:
+        """Copies the shadow K/V as the engine copies blocks; the swapped-in requests."""
+        for device_id, host_id in out.swap_out:
+            self.shadow_host[host_id] = list(
+                self.shadow_kv.get(device_id, [None] * self.block_size)
+            )
+        for device_id, host_id in out.swap_in:
+            self.shadow_kv[device_id] = list(self.shadow_host[host_id])
+        filled = {device_id for device_id, _ in out.swap_in}
+        return frozenset(
+            c.seq.request_id for c in out.chunks if filled.intersection(c.seq.block_table)
+        )
 
     def note_gaps(self, scheduler: Scheduler, out: SchedulerOutput) -> None:
         ran = {c.seq.request_id for c in out.chunks}
@@ -140,6 +156,7 @@ def check_step(
     tracker: Tracker,
     decoding: list[Sequence],
     preemptions_before: dict[str, int],
+    swapped_in: frozenset[str] = frozenset(),
 ) -> None:
     config = scheduler.config
     blocks = scheduler.blocks
@@ -162,9 +179,11 @@ def check_step(
         assert chunk.end <= len(seq.block_table) * size, "blocks cover the chunk"
         life = tracker.lives.get(rid)
         if life is None or life.num_preemptions != seq.num_preemptions:
-            # (Re)admitted: it starts at 0 or after whole prefix-cache hits.
-            assert chunk.start % size == 0
-            assert chunk.start == 0 or blocks.enable_prefix_caching
+            # (Re)admitted: it starts at 0 or after whole prefix-cache hits (or, swapped
+            # back in, after the tokens it had computed).
+            if rid not in swapped_in:
+                assert chunk.start % size == 0
+                assert chunk.start == 0 or blocks.enable_prefix_caching
             if life is None:
                 tracker.admission_order.append(rid)
                 tracker.hit_tokens[rid] = chunk.start
@@ -207,13 +226,20 @@ def check_blocks(scheduler: Scheduler) -> None:
     assert all(not seq.block_table for seq in scheduler.waiting)
     assert allocator.ref_counts == holders
     assert set(allocator.free_queue) == {b for b, n in enumerate(holders) if n == 0}
+    if scheduler.swap is not None:  # host blocks: exactly those of swapped-out requests
+        host = [b for s in scheduler.waiting for b in s.host_block_table]
+        assert all(not s.host_block_table for s in scheduler.running)
+        assert len(set(host)) == len(host)
+        assert set(host) == set(range(scheduler.swap.allocator.num_blocks)) - set(
+            scheduler.swap.allocator.free_queue
+        )
     assert len({id(s) for s in [*scheduler.running, *scheduler.waiting]}) == len(
         scheduler.running
     ) + len(scheduler.waiting), "a sequence is queued twice"
 
 
 def run(
-    workload: Workload, config: SchedulerConfig | None = None
+    workload: Workload, config: SchedulerConfig | None = None, swap_blocks: int = 0
 ) -> tuple[list[Sequence], Tracker, int]:
     """Runs ``workload`` to its end under ``config``'s policy (default fcfs), checking every
     step; ``Tracker.max_gaps`` records how long each request went without running."""
@@ -226,7 +252,8 @@ def run(
         max_num_batched_tokens=workload.budget,
     )
     is_fcfs = config.policy == "fcfs"
-    scheduler = Scheduler(config, block_manager)
+    swap = SwapSpace(swap_blocks, lambda seq: True) if swap_blocks else None
+    scheduler = Scheduler(config, block_manager, swap)
     tracker = Tracker(workload.block_size)
     seqs = [
         Sequence(
@@ -254,7 +281,8 @@ def run(
         preemptions = {s.request_id: s.num_preemptions for s in seqs}
         out = scheduler.schedule()
         assert out.chunks or not scheduler.has_unfinished, "work left but nothing scheduled"
-        check_step(scheduler, out, tracker, decoding, preemptions)
+        swapped_in = tracker.apply_swaps(out)
+        check_step(scheduler, out, tracker, decoding, preemptions, swapped_in)
         tracker.note_gaps(scheduler, out)
         for chunk in out.chunks:  # as Engine.step applies a step
             seq = chunk.seq

@@ -46,3 +46,16 @@ def test_mlfq_keeps_every_invariant_and_nobody_starves(
     # run() checks every step that a request idle for longer than the period is at level 0.
     gaps = check_finished(workload, SchedulerConfig(policy="mlfq", mlfq=mlfq))
     event(f"longest idle stretch beyond the period: {max(0, max(gaps.values()) - period)}")
+
+
+@SETTINGS
+@given(workloads(), st.sampled_from(["fcfs", "priority", "mlfq"]), st.integers(1, 24))
+def test_swapping_keeps_every_invariant(workload: Workload, policy: str, swap_blocks: int) -> None:
+    """Swapped-out requests come back with exactly their own K/V (run() checks the context
+    of every chunk against a shadow copy moved as the engine moves blocks) and host blocks
+    are never leaked or shared."""
+    seqs, tracker, _ = run(workload, SchedulerConfig(policy=policy), swap_blocks)
+    event(f"swapped: {any(s.num_preemptions for s in seqs)}")
+    for seq, request in zip(seqs, workload.requests, strict=True):
+        assert len(seq.output_token_ids) == request.max_tokens
+        assert all(n <= 1 + seq.num_preemptions for n in tracker.counts[seq.request_id])

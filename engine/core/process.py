@@ -137,9 +137,7 @@ class EngineCore:
             return
         try:
             if add.prefetch:
-                self.engine.prefetch(
-                    add.prompt_token_ids, add.params, add.request_id, add.priority
-                )
+                self.engine.prefetch(add.prompt_token_ids, add.params, add.request_id, add.priority)
             else:
                 self.engine.add_request(
                     add.prompt_token_ids,
