@@ -15,7 +15,7 @@ import pytest
 from decode_svc.service import ColocatedServicer, DecodeServicer
 from engine.config import EngineConfig, SchedulerConfig
 from engine.sampling_params import SamplingParams
-from pdmesh.convert import sampling_to_pb
+from serving.convert import sampling_to_pb
 from pdmesh.mesh import MeshConfig
 from pdmesh.v1 import worker_pb2 as worker_pb
 from prefill_svc.service import PrefillServicer
@@ -70,7 +70,7 @@ def test_every_worker_role_hands_the_priority_to_its_engine() -> None:
     start = worker_pb.StartRequest(
         request_id="r",
         prompt_token_ids=[1, 2],
-        sampling=sampling_to_pb(SamplingParams(max_tokens=3)),
+        sampling=sampling_to_pb(SamplingParams(max_tokens=3), worker_pb.WorkerSampling),
         priority=-7,
     )
     start.kv.namespace = "ns"
