@@ -15,10 +15,10 @@ import pytest
 from decode_svc.service import ColocatedServicer, DecodeServicer
 from engine.config import EngineConfig, SchedulerConfig
 from engine.sampling_params import SamplingParams
-from serving.convert import sampling_to_pb
 from pdmesh.mesh import MeshConfig
 from pdmesh.v1 import worker_pb2 as worker_pb
 from prefill_svc.service import PrefillServicer
+from serving.convert import sampling_to_pb
 from tests.mesh.harness import MeshThread, generate
 from tests.mesh.test_mesh_e2e import to_request
 
