@@ -15,6 +15,12 @@ case "$1" in
     python -m bench.serve_gpu --shape 135m --batches 512 --gateway-processes ${GATEWAYS:-6} \
       --clients ${CLIENTS:-6} --layouts ${LAYOUTS:-a_up_colocated c_serve_processes} \
       --work-dir "$OUT/serve135m" --out "$OUT/serve_h200_135m.json" 2>&1 | grep -v "^WARNING" | tail -30 ;;
+  http_vs_grpc)
+    # One mesh, the same closed-loop load through its OpenAI HTTP API and its gRPC API (#17).
+    python -c "import httpx, starlette, uvicorn" || {
+      echo "http_vs_grpc needs starlette, uvicorn and httpx (+ httpcore, certifi, idna) importable: add their wheels to .whl/"; exit 1; }
+    python -m bench.http_vs_grpc_gpu --shape ${SHAPE:-8b} --concurrency ${CONCURRENCY:-64 256} --rounds ${ROUNDS:-2} \
+      --work-dir "$OUT/http_vs_grpc" --out "$OUT/http_vs_grpc_h200.json" 2>&1 | grep -v "^WARNING" | tail -30 ;;
   gputests)
     python -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_gpu_engine.py tests/test_offload.py \
       tests/test_quant_accuracy.py 2>&1 | tail -25 ;;

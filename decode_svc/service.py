@@ -22,9 +22,12 @@ class DecodeServicer(WorkerBase, worker_grpc.DecodeWorkerServicer):
             )
         prompt, params = list(start.prompt_token_ids), sampling_from_pb(start.sampling)
         if not start.HasField("first_token_id"):  # pipelined: pull blocks, wait for Resume
-            return Add(start.request_id, prompt, params, prefetch=True)
+            return Add(start.request_id, prompt, params, prefetch=True, priority=start.priority)
         hashes = list(start.kv.block_hashes)
-        return Add(start.request_id, prompt, params, [start.first_token_id], hashes)
+        return Add(
+            start.request_id, prompt, params, [start.first_token_id], hashes,
+            priority=start.priority,
+        )  # fmt: skip
 
     def event_of(self, output: RequestOutput) -> worker_pb.RequestEvent:
         event = token_event(output)
@@ -36,4 +39,5 @@ class ColocatedServicer(WorkerBase, worker_grpc.ColocatedWorkerServicer):
     """One engine does both roles: no hand-off, prompts and decodes share forward passes."""
 
     def to_add(self, start: worker_pb.StartRequest) -> Add:
-        return Add(start.request_id, list(start.prompt_token_ids), sampling_from_pb(start.sampling))
+        params = sampling_from_pb(start.sampling)
+        return Add(start.request_id, list(start.prompt_token_ids), params, priority=start.priority)

@@ -14,6 +14,7 @@ from typing import Any
 from engine.config import (
     DTYPES,
     OFFLOAD_KINDS,
+    SCHEDULING_POLICIES,
     CacheConfig,
     EngineConfig,
     OffloadConfig,
@@ -31,6 +32,7 @@ ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
     "quantization": (str, "int8 (weight-only) or fp8 (W8A8) linear weights, quantized at load"),
     "offload_weights": (str, "where layers beyond the GPU budget stay: " + "|".join(OFFLOAD_KINDS)),
     "gpu_weight_budget_gib": (float, "device GiB for weights under offload (default: all stream)"),
+    "swap_space_gib": (float, "host GiB for preempted requests' KV (default 0: recompute)"),
 }
 GPU_MAX_NUM_SEQS = 256
 CPU_MAX_NUM_SEQS = 64
@@ -58,6 +60,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     for name, (kind, text) in ENGINE_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=kind, help=f"{text}; PDMESH_{name.upper()}")
+    parser.add_argument(
+        "--scheduling-policy",
+        choices=SCHEDULING_POLICIES,
+        help="order requests run in: fcfs (default), priority (the request's priority, lower "
+        "first) or mlfq (FastServe's skip-join multi-level feedback queue); "
+        "PDMESH_SCHEDULING_POLICY",
+    )
     parser.add_argument(
         "--enforce-eager",
         action="store_true",
@@ -104,6 +113,7 @@ def engine_config_from(
         "num_blocks": _setting(args, "num_kv_blocks", environ),
         "handoff_lane_mib": getattr(args, "handoff_lane_mib", None),
         "gpu_memory_utilization": _setting(args, "gpu_memory_utilization", environ),
+        "swap_space_gib": _setting(args, "swap_space_gib", environ),
     }
     eager = getattr(args, "enforce_eager", None)
     if eager is None:
@@ -118,7 +128,11 @@ def engine_config_from(
         load_format=_setting(args, "load_format", environ),
         quantization=_setting(args, "quantization", environ),
         enforce_eager=eager,
-        scheduler=SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=tokens),
+        scheduler=SchedulerConfig(
+            max_num_seqs=seqs,
+            max_num_batched_tokens=tokens,
+            policy=_setting(args, "scheduling_policy", environ) or "fcfs",
+        ),
         cache=CacheConfig(**{k: v for k, v in cache.items() if v is not None}),
         offload=offload,
     )

@@ -265,6 +265,10 @@ class CacheConfig:
     #: Share of the device's memory this worker may hold in all (weights, KV cache,
     #: activations); workers sharing a GPU each get their own share (``pdmesh up`` divides).
     gpu_memory_utilization: float = 0.9
+    #: Host memory, GiB, for the KV blocks of preempted requests (``engine.swap``): a victim
+    #: is copied out and back when that is cheaper than recomputing it; 0: always recompute.
+    #: Tensor-parallel workers recompute.
+    swap_space_gib: float = 0.0
 
     def resolved_async_retain(self, device_type: str) -> bool:
         return self.async_retain if self.async_retain is not None else device_type == "cuda"
@@ -276,26 +280,68 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.handoff_lane_mib is not None and self.handoff_lane_mib < 0:
             raise ValueError(f"handoff_lane_mib must be >= 0, got {self.handoff_lane_mib}")
+        if self.swap_space_gib < 0:
+            raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
 
 
+#: Scheduling policies (``engine.scheduling_policy``): first come first served, request
+#: priorities (lower runs first), FastServe's skip-join multi-level feedback queue.
+SCHEDULING_POLICIES = ("fcfs", "priority", "mlfq")
+
+
+@dataclass(frozen=True)
+class MLFQConfig:
+    """FastServe's skip-join MLFQ, counted in iterations and tokens rather than seconds."""
+
+    #: Queues, level 0 served first; the last level's quantum never runs out.
+    num_levels: int = 4
+    #: Generated tokens a request may produce at level 0 before it is demoted to level 1.
+    base_quantum: int = 32
+    #: Each level's quantum is this many times the one above it (FastServe doubles).
+    quantum_growth: int = 2
+    #: Skip-join: prompts up to this many tokens join level 0, each level below takes
+    #: prompts ``quantum_growth`` times longer (the prompt's length predicts the cost of
+    #: its first iteration), the longest join the last level.
+    join_prompt_tokens: int = 512
+    #: A request that has not been scheduled for this many iterations is promoted to
+    #: level 0 (no starvation).
+    promotion_period: int = 500
+
+    def __post_init__(self) -> None:
+        for name in ("num_levels", "base_quantum", "join_prompt_tokens", "promotion_period"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"mlfq {name} must be at least 1, got {getattr(self, name)}")
+        if self.quantum_growth < 1:
+            raise ValueError(f"mlfq quantum_growth must be at least 1, got {self.quantum_growth}")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous-batching limits per iteration."""
+    """Continuous-batching limits per iteration, and the order requests are served in."""
 
     #: Most sequences running at once.
     max_num_seqs: int = 64
     #: Token budget of one forward pass (decode tokens + prefill chunk tokens).
     max_num_batched_tokens: int = 2048
+    #: "fcfs" (arrival order, preempt the newest), "priority" (each request's ``priority``,
+    #: lower first; preempt the lowest) or "mlfq" (skip-join multi-level feedback queue).
+    policy: str = "fcfs"
+    mlfq: MLFQConfig = field(default_factory=MLFQConfig)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
             raise ValueError("max_num_seqs must be positive")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                f"got {self.policy!r}"
+            )
 
 
 OFFLOAD_KINDS = ("none", "cpu", "disk")

@@ -6,6 +6,7 @@ step():  schedule  ->  run the model  ->  append tokens, retire finished request
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ from engine.sequence import (
     SequenceStatus,
     TokenLogprob,
 )
+from engine.swap import Swapper
 from kvstore.base import KVStore
 from kvstore.block_hash import BlockHash
 from kvstore.errors import KVStoreError
@@ -127,7 +129,13 @@ class Engine:
             cache_namespace(self.source, self.model_config, config),
             config.cache.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.swapper = None
+        if config.cache.swap_space_gib > 0 and self.leader is None:
+            self.swapper = Swapper(
+                self.runner.kv_cache, config.cache.swap_space_gib, config.cache.block_size
+            )
+        swap_space = self.swapper.space if self.swapper else None
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, swap_space)
         self.kv = None
         if kv_store is not None:
             lane = open_lane(kv_store, self.runner, config.cache.handoff_lane_mib, publish_kv)
@@ -168,9 +176,11 @@ class Engine:
         request_id: str | None = None,
         output_token_ids: list[int] | None = None,
         kv_import: list[BlockHash] | None = None,
+        priority: int = 0,
     ) -> str:
         """Queues a request. A decode-role request continues after ``output_token_ids`` (its
-        first token) and names its prompt's blocks in the store with ``kv_import``."""
+        first token) and names its prompt's blocks in the store with ``kv_import``.
+        ``priority`` orders requests under the ``priority`` policy (lower first)."""
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -187,6 +197,7 @@ class Engine:
             eos_token_ids=frozenset(self.model_config.eos_token_ids),
             output_token_ids=list(output_token_ids or []),
             kv_import=kv_import,
+            priority=priority,
         )
         seq.generator = self._generator_for(params)
         self.requests[request_id] = seq
@@ -194,7 +205,11 @@ class Engine:
         return request_id
 
     def prefetch(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
     ) -> None:
         """Decode role, pipelined hand-off: reserves blocks for a prompt that a prefill worker
         is computing now and pulls its blocks as they reach the store; ``resume`` continues it
@@ -209,6 +224,7 @@ class Engine:
             prompt_token_ids=list(prompt_token_ids),
             params=params,
             eos_token_ids=frozenset(self.model_config.eos_token_ids),
+            priority=priority,
         )
         seq.generator = self._generator_for(params)
         self.requests[request_id] = seq
@@ -315,11 +331,15 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if self.kv is not None and not self.publish_kv:
             for seq in scheduled.preempted:
-                # Resume from the prompt blocks still in the store rather than recomputing.
-                seq.kv_import = self.kv.stored_prefix(seq.prompt_token_ids)
+                if not seq.host_block_table:
+                    # Resume from the prompt blocks still in the store rather than recomputing.
+                    seq.kv_import = self.kv.stored_prefix(seq.prompt_token_ids)
+        if self.swapper is not None:
+            self.swapper.copy(scheduled.swap_out, scheduled.swap_in)
         chunks = self._import_blocks(scheduled)
         if not chunks:
             return self._take_in_flight()
+        started = time.perf_counter()
         logits = self.runner.launch(chunks, self._in_flight)
         for observe in self.step_observers:
             observe(chunks)
@@ -329,6 +349,7 @@ class Engine:
             self._advance(chunk)
         if logits is None:
             return outputs
+        self._observe_prefill(chunks, started)
         rows = [c.seq for c in chunks if c.completes]
         if self._defers(rows):
             self._in_flight = self.runner.greedy_on_device(logits, rows)
@@ -343,6 +364,16 @@ class Engine:
                 outputs.append(self._emit(seq, token_id, logprob))
         # A request whose previous token was still on the device reports two tokens now.
         return merge_outputs(outputs) if flight_reported else outputs
+
+    def _observe_prefill(self, chunks: list[ScheduledChunk], started: float) -> None:
+        """A step that is mostly prompt tokens measures the prefill rate swapping is weighed
+        against (on CUDA the logits are still in flight: the rate is an upper bound)."""
+        if self.swapper is None:
+            return
+        num_tokens = sum(c.num_tokens for c in chunks)
+        num_prompt = sum(c.num_tokens for c in chunks if c.num_tokens > 1)
+        if num_prompt * 2 >= num_tokens:
+            self.swapper.cost.observe_prefill(num_tokens, time.perf_counter() - started)
 
     def _import_blocks(self, scheduled: SchedulerOutput) -> list[ScheduledChunk]:
         """Fills imported blocks from the store; returns the chunks that can run."""

@@ -64,10 +64,14 @@ class LLM:
         return encode_prompt(self.tokenizer, prompt)  # type: ignore[arg-type]
 
     def add_request(
-        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
     ) -> str:
         prompt_ids = self.encode(prompt)
-        request_id = self.engine.add_request(prompt_ids, params, request_id)
+        request_id = self.engine.add_request(prompt_ids, params, request_id, priority=priority)
         stream = TextStream.for_request(
             self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens
         )

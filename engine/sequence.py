@@ -48,6 +48,8 @@ class Sequence:
     params: SamplingParams
     eos_token_ids: frozenset[int]
     arrival_time: float = field(default_factory=time.monotonic)
+    #: Scheduling priority under the ``priority`` policy: lower runs first (vLLM's rule).
+    priority: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     #: Physical KV block ids, in order.
@@ -61,6 +63,10 @@ class Sequence:
     #: Leading full blocks already registered in the prefix cache.
     num_committed_blocks: int = 0
     num_preemptions: int = 0
+    #: Preempted to host memory: the host blocks holding its first ``num_swapped_tokens``
+    #: tokens' K/V, copied back into device blocks when it resumes.
+    host_block_table: list[int] = field(default_factory=list)
+    num_swapped_tokens: int = 0
     #: Decode role: store hashes of the prompt's blocks (the last may be partial), imported
     #: instead of computed when the request is admitted.
     kv_import: list[BlockHash] | None = None

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -101,6 +102,17 @@ def error_response(error: BaseException) -> JSONResponse:
     return JSONResponse(error_body(http), status_code=http.status)
 
 
+async def routing_error(request: Request, error: Exception) -> Response:
+    """Starlette's own answers (no such route: 404, a wrong method: 405) in OpenAI's shape,
+    so a client's error handling sees one format."""
+    assert isinstance(error, HTTPException)
+    code = "not_found" if error.status_code == 404 else None
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    message = f"{request.method} {request.url.path}: {error.detail}"
+    body = error_body(HTTPError(error.status_code, kind, code, message))
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+
 def sse(data: Any) -> bytes:
     text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return f"data: {text}\n\n".encode()
@@ -147,7 +159,8 @@ class OpenAIFrontEnd:
                 Route("/v1/models/{model:path}", self.one_model, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/metrics", self.metrics, methods=["GET"]),
-            ]
+            ],
+            exception_handlers={HTTPException: routing_error},
         )
 
     # -- checks every /v1 call passes -------------------------------------------------------

@@ -18,6 +18,8 @@ from pdmesh.v1 import generation_pb2 as gen_pb
 MAX_CHOICES = 16
 #: Top alternatives OpenAI allows: chat ``top_logprobs`` and completions ``logprobs``.
 MAX_TOP_LOGPROBS = 20
+#: ``priority`` travels as a proto int32.
+PRIORITY_RANGE = (-(1 << 31), (1 << 31) - 1)
 #: OpenAI's "developer" role is its newer name for "system".
 ROLE_ALIASES = {"developer": "system"}
 
@@ -83,6 +85,8 @@ COMMON_FIELDS = {
     "repetition_penalty": "number",
     "ignore_eos": "bool",
     "stop_token_ids": "int_list",
+    # vLLM's scheduling priority (lower first).
+    "priority": "int",
 }
 CHAT_FIELDS = {
     **COMMON_FIELDS,
@@ -134,6 +138,11 @@ def _common(body: dict[str, Any], values: dict[str, Any]) -> gen_pb.GenerateRequ
             setattr(message, name, values[name])
     if "top_k" in values:  # vLLM: -1 disables, as 0 does here
         message.top_k = 0 if values["top_k"] == -1 else values["top_k"]
+    if "priority" in values:
+        low, high = PRIORITY_RANGE
+        if not low <= values["priority"] <= high:
+            raise FieldError("priority", f"priority must be in [{low}, {high}]")
+        message.priority = values["priority"]
     n = values.get("n", 1)
     if not 1 <= n <= MAX_CHOICES:
         raise FieldError("n", f"n must be in [1, {MAX_CHOICES}], got {n}")

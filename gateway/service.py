@@ -231,6 +231,7 @@ class GatewayCore:
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
             sampling=sampling_to_pb(request.params, worker_pb.WorkerSampling),
+            priority=request.priority,
         )
 
     async def _prefill(self, state: Running) -> Delta:

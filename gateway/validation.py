@@ -28,6 +28,8 @@ class ValidRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    #: Scheduling priority, lower first (workers under the ``priority`` policy use it).
+    priority: int = 0
 
 
 def prompt_ids_of(tokenizer: Any, request: Any) -> list[int]:
@@ -108,4 +110,5 @@ def validate(
             f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
             f"the maximum model length {max_model_len}"
         )
-    return ValidRequest(request.request_id or uuid.uuid4().hex, prompt_ids, params)
+    request_id = request.request_id or uuid.uuid4().hex
+    return ValidRequest(request_id, prompt_ids, params, request.priority)

@@ -28,7 +28,9 @@ class PrefillServicer(WorkerBase, worker_grpc.PrefillWorkerServicer):
             self._continues.add(start.request_id)
         # The prefill worker stops after the first token whatever the request's length.
         first_only = dataclasses.replace(params, max_tokens=1)
-        return Add(start.request_id, list(start.prompt_token_ids), first_only)
+        return Add(
+            start.request_id, list(start.prompt_token_ids), first_only, priority=start.priority
+        )
 
     def event_of(self, output: RequestOutput) -> worker_pb.RequestEvent:
         continues = output.request_id in self._continues

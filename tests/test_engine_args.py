@@ -81,3 +81,15 @@ def test_workers_sharing_a_gpu_split_its_memory(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.WARNING):
         warn_shared_devices(apart)
     assert "share GPU" not in caplog.text
+
+
+def test_scheduling_policy_flag_and_variable() -> None:
+    assert engine_config_from(parse(), {}).scheduler.policy == "fcfs"
+    environ = {"PDMESH_SCHEDULING_POLICY": "mlfq"}
+    assert engine_config_from(parse(), environ).scheduler.policy == "mlfq"
+    flagged = engine_config_from(parse("--scheduling-policy", "priority"), environ)
+    assert flagged.scheduler.policy == "priority"
+    with pytest.raises(SystemExit):
+        parse("--scheduling-policy", "lifo")
+    with pytest.raises(ValueError, match="scheduling policy must be one of fcfs, priority, mlfq"):
+        engine_config_from(parse(), {"PDMESH_SCHEDULING_POLICY": "lifo"})

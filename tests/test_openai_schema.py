@@ -21,12 +21,14 @@ def test_chat_fields_map_onto_the_grpc_request() -> None:
             "min_p": 0.1, "repetition_penalty": 1.2, "ignore_eos": True,
             "stop_token_ids": [3, 4], "logprobs": True, "top_logprobs": 2, "n": 2, "seed": 9,
             "stream": True, "stream_options": {"include_usage": True}, "some_new_field": [1],
+            "priority": -3,
         }
     )  # fmt: skip
     message = parsed.message
     assert message.max_tokens == 7, "max_completion_tokens wins over the deprecated max_tokens"
     assert list(message.stop) == ["END"] and list(message.stop_token_ids) == [3, 4]
     assert message.top_k == 0 and message.logprobs == 2 and message.ignore_eos
+    assert message.priority == -3 and parse_chat(CHAT).message.priority == 0
     assert message.presence_penalty == pytest.approx(0.5)
     assert message.frequency_penalty == pytest.approx(-0.5)
     assert [(m.role, m.content) for m in message.messages] == [("user", "hi")]
@@ -62,6 +64,10 @@ def test_completion_prompts(prompt: Any, text: str | None, ids: list[int]) -> No
         ({**CHAT, "stream": "yes"}, "stream"),
         ({**CHAT, "n": True}, "n"),
         ({**CHAT, "n": 0}, "n"),
+        ({**CHAT, "priority": "high"}, "priority"),
+        ({**CHAT, "priority": 1.5}, "priority"),
+        ({**CHAT, "priority": True}, "priority"),
+        ({**CHAT, "priority": 1 << 31}, "priority"),
         ({**CHAT, "stop": [1]}, "stop"),
         ({**CHAT, "top_logprobs": 2}, "top_logprobs"),
         ({**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -81,7 +87,8 @@ def test_wrong_chat_fields_are_named(body: Any, param: str) -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [({"prompt": []}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": 3}, "prompt"),
-     ({"prompt": "a", "logprobs": True}, "logprobs"), ({"prompt": "a", "echo": True}, "echo")],
+     ({"prompt": "a", "logprobs": True}, "logprobs"), ({"prompt": "a", "echo": True}, "echo"),
+     ({"prompt": "a", "priority": "1"}, "priority")],
 )  # fmt: skip
 def test_wrong_completion_fields_are_named(body: Any, param: str) -> None:
     with pytest.raises(FieldError) as raised:

@@ -7,11 +7,13 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, MLFQConfig, SchedulerConfig
 from engine.errors import InvalidRequestError
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
+from tests.conftest import hf_greedy
 from tests.tiny_models import save_tiny_model
 
 
@@ -20,13 +22,24 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model("llama3", tmp_path_factory.mktemp("sched"))
 
 
-def tiny_llm(directory: Path, num_blocks: int, max_num_seqs: int = 32) -> LLM:
+def tiny_llm(
+    directory: Path,
+    num_blocks: int,
+    max_num_seqs: int = 32,
+    policy: str = "fcfs",
+    swap_space_gib: float = 0.0,
+) -> LLM:
+    # Small MLFQ quanta so that demotions, promotions and preemptions all happen.
+    mlfq = MLFQConfig(base_quantum=3, join_prompt_tokens=16, promotion_period=6)
+    scheduler = SchedulerConfig(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=256, policy=policy, mlfq=mlfq
+    )
     return LLM(
         EngineConfig(
             model=str(directory),
             device="cpu",
-            cache=CacheConfig(block_size=8, num_blocks=num_blocks),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=256),
+            cache=CacheConfig(block_size=8, num_blocks=num_blocks, swap_space_gib=swap_space_gib),
+            scheduler=scheduler,
         )
     )
 
@@ -104,3 +117,45 @@ def test_abort_frees_blocks(tiny_dir: Path) -> None:
     assert llm.abort(request_id)
     assert llm.engine.block_manager.allocator.num_used == 0
     assert not llm.abort(request_id) and not llm.engine.has_unfinished
+
+
+@pytest.mark.parametrize("policy", ["priority", "mlfq"])
+def test_policies_preempt_yet_keep_greedy_tokens(tiny_dir: Path, policy: str) -> None:
+    """Under a tight cache the policy reorders and preempts requests; each still produces
+    the tokens it produces alone, and Hugging Face's greedy tokens for a few of them."""
+    prompts, params = workload(40)
+    rng = random.Random(1)
+    llm = tiny_llm(tiny_dir, num_blocks=24, max_num_seqs=8, policy=policy)
+    ids = [
+        llm.add_request(p, sp, priority=rng.randrange(4))
+        for p, sp in zip(prompts, params, strict=True)
+    ]
+    seqs = [llm.engine.requests[i] for i in ids]
+    done = {}
+    while len(done) < len(ids):
+        done.update((out.request_id, out) for out, _ in llm.step() if out.finished)
+    assert sum(s.num_preemptions for s in seqs) > 0, "the budget should force preemption"
+    allocator = llm.engine.block_manager.allocator
+    assert allocator.num_used == 0 and set(allocator.ref_counts) == {0}
+    expected = tiny_llm(tiny_dir, num_blocks=4096).generate(prompts, params)
+    assert [done[i].token_ids for i in ids] == [o.token_ids for o in expected]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    for index in (0, 1, 2):
+        reference = hf_greedy(hf, prompts[index], params[index].max_tokens)
+        assert done[ids[index]].token_ids[: len(reference)] == reference
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "mlfq"])
+def test_swapped_requests_resume_with_the_same_greedy_tokens(tiny_dir: Path, policy: str) -> None:
+    prompts, params = workload(40)
+    llm = tiny_llm(tiny_dir, num_blocks=24, max_num_seqs=8, policy=policy, swap_space_gib=0.01)
+    swapper = llm.engine.swapper
+    assert swapper is not None and swapper.space.allocator.num_blocks > 24
+    outputs = llm.generate(prompts, params)
+    assert swapper.num_swapped_out > 0 and swapper.num_swapped_in == swapper.num_swapped_out
+    assert swapper.space.allocator.num_free == swapper.space.allocator.num_blocks
+    assert llm.engine.block_manager.allocator.num_used == 0
+    expected = tiny_llm(tiny_dir, num_blocks=4096).generate(prompts, params)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]

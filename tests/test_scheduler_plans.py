@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 
 from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
+from engine.config import MLFQConfig, SchedulerConfig
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.swap import SwapSpace
 from kvstore.block_hash import hash_full_blocks
 
 Plan = list[tuple[str, int, int]]
@@ -32,16 +33,28 @@ class Driver:
         num_blocks: int,
         block_size: int,
         prefix_caching: bool = False,
+        policy: str = "fcfs",
+        mlfq: MLFQConfig | None = None,
+        swap_blocks: int = 0,
     ) -> None:
         self.blocks = BlockManager(num_blocks, block_size, b"plans", prefix_caching)
-        config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
-        self.scheduler = Scheduler(config, self.blocks)
+        config = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=budget,
+            policy=policy,
+            mlfq=mlfq or MLFQConfig(),
+        )
+        swap = SwapSpace(swap_blocks, lambda seq: True) if swap_blocks else None
+        self.scheduler = Scheduler(config, self.blocks, swap)
         self.last: SchedulerOutput | None = None
         #: Block table of each request scheduled in the last step, as the model saw it.
         self.tables: dict[str, list[int]] = {}
 
-    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> Sequence:
-        seq = Sequence(request_id, prompt, SamplingParams(max_tokens=max_tokens), frozenset())
+    def add(
+        self, request_id: str, prompt: list[int], max_tokens: int, priority: int = 0
+    ) -> Sequence:
+        params = SamplingParams(max_tokens=max_tokens)
+        seq = Sequence(request_id, prompt, params, frozenset(), priority=priority)
         self.scheduler.add(seq)
         return seq
 

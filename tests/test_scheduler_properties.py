@@ -13,7 +13,9 @@ from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduling_policy import MLFQPolicy
 from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.swap import SwapSpace
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class Request:
     arrival_step: int
     prompt: list[int]
     max_tokens: int
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ def workloads(draw: st.DrawFn) -> Workload:
                 arrival_step=draw(st.integers(0, 12)),
                 prompt=prompt or [draw(token)],
                 max_tokens=draw(st.integers(1, 16)),
+                priority=draw(st.integers(0, 3)),
             )
         )
     # Like Engine._validate: every request fits the cache on its own.
@@ -94,6 +98,8 @@ class Tracker:
     block_size: int
     #: key of (block id, offset): which token prefix the K/V in that slot belongs to.
     shadow_kv: dict[int, list[object]] = field(default_factory=dict)
+    #: the same for host blocks (swapping).
+    shadow_host: dict[int, list[object]] = field(default_factory=dict)
     #: prefix keys of each sequence: keys[p] identifies token_ids[: p + 1].
     keys: dict[str, list[object]] = field(default_factory=dict)
     lives: dict[str, Life] = field(default_factory=dict)
@@ -101,6 +107,32 @@ class Tracker:
     counts: dict[str, list[int]] = field(default_factory=dict)
     hit_tokens: dict[str, int] = field(default_factory=dict)
     admission_order: list[str] = field(default_factory=list)
+    #: Steps each request has gone without running, now and at the longest.
+    gaps: dict[str, int] = field(default_factory=dict)
+    max_gaps: dict[str, int] = field(default_factory=dict)
+
+    def apply_swaps(self, out: SchedulerOutput) -> frozenset[str]:
+        """Copies the shadow K/V as the engine copies blocks; the swapped-in requests."""
+        for device_id, host_id in out.swap_out:
+            self.shadow_host[host_id] = list(
+                self.shadow_kv.get(device_id, [None] * self.block_size)
+            )
+        for device_id, host_id in out.swap_in:
+            self.shadow_kv[device_id] = list(self.shadow_host[host_id])
+        filled = {device_id for device_id, _ in out.swap_in}
+        return frozenset(
+            c.seq.request_id for c in out.chunks if filled.intersection(c.seq.block_table)
+        )
+
+    def note_gaps(self, scheduler: Scheduler, out: SchedulerOutput) -> None:
+        ran = {c.seq.request_id for c in out.chunks}
+        for seq in [*scheduler.running, *scheduler.waiting]:
+            rid = seq.request_id
+            self.gaps[rid] = 0 if rid in ran else self.gaps.get(rid, 0) + 1
+            self.max_gaps[rid] = max(self.max_gaps.get(rid, 0), self.gaps[rid])
+            policy = scheduler.policy
+            if isinstance(policy, MLFQPolicy) and self.gaps[rid] > policy.config.promotion_period:
+                assert policy.level(seq) == 0, f"{rid} starves below level 0"
 
     def prefix_keys(self, seq: Sequence) -> list[object]:
         keys = self.keys.setdefault(seq.request_id, [])
@@ -124,6 +156,7 @@ def check_step(
     tracker: Tracker,
     decoding: list[Sequence],
     preemptions_before: dict[str, int],
+    swapped_in: frozenset[str] = frozenset(),
 ) -> None:
     config = scheduler.config
     blocks = scheduler.blocks
@@ -146,9 +179,11 @@ def check_step(
         assert chunk.end <= len(seq.block_table) * size, "blocks cover the chunk"
         life = tracker.lives.get(rid)
         if life is None or life.num_preemptions != seq.num_preemptions:
-            # (Re)admitted: it starts at 0 or after whole prefix-cache hits.
-            assert chunk.start % size == 0
-            assert chunk.start == 0 or blocks.enable_prefix_caching
+            # (Re)admitted: it starts at 0 or after whole prefix-cache hits (or, swapped
+            # back in, after the tokens it had computed).
+            if rid not in swapped_in:
+                assert chunk.start % size == 0
+                assert chunk.start == 0 or blocks.enable_prefix_caching
             if life is None:
                 tracker.admission_order.append(rid)
                 tracker.hit_tokens[rid] = chunk.start
@@ -175,6 +210,13 @@ def check_queues(scheduler: Scheduler, arrival_rank: dict[str, int]) -> None:
     exactly the unreferenced ones; only running sequences hold blocks. First come, first
     served: the running batch is the earliest arrivals, in order, and the waiting queue the
     rest, in order (a preempted request resumes before anything that arrived after it)."""
+    check_blocks(scheduler)
+    order = [arrival_rank[s.request_id] for s in [*scheduler.running, *scheduler.waiting]]
+    assert order == sorted(order)
+
+
+def check_blocks(scheduler: Scheduler) -> None:
+    """No leaked or duplicated blocks, whatever the policy."""
     allocator = scheduler.blocks.allocator
     holders = [0] * allocator.num_blocks
     for seq in scheduler.running:
@@ -184,21 +226,43 @@ def check_queues(scheduler: Scheduler, arrival_rank: dict[str, int]) -> None:
     assert all(not seq.block_table for seq in scheduler.waiting)
     assert allocator.ref_counts == holders
     assert set(allocator.free_queue) == {b for b, n in enumerate(holders) if n == 0}
-    order = [arrival_rank[s.request_id] for s in [*scheduler.running, *scheduler.waiting]]
-    assert order == sorted(order)
+    if scheduler.swap is not None:  # host blocks: exactly those of swapped-out requests
+        host = [b for s in scheduler.waiting for b in s.host_block_table]
+        assert all(not s.host_block_table for s in scheduler.running)
+        assert len(set(host)) == len(host)
+        assert set(host) == set(range(scheduler.swap.allocator.num_blocks)) - set(
+            scheduler.swap.allocator.free_queue
+        )
+    assert len({id(s) for s in [*scheduler.running, *scheduler.waiting]}) == len(
+        scheduler.running
+    ) + len(scheduler.waiting), "a sequence is queued twice"
 
 
-def run(workload: Workload) -> tuple[list[Sequence], Tracker, int]:
+def run(
+    workload: Workload, config: SchedulerConfig | None = None, swap_blocks: int = 0
+) -> tuple[list[Sequence], Tracker, int]:
+    """Runs ``workload`` to its end under ``config``'s policy (default fcfs), checking every
+    step; ``Tracker.max_gaps`` records how long each request went without running."""
     block_manager = BlockManager(
         workload.num_blocks, workload.block_size, b"props", workload.prefix_caching
     )
-    config = SchedulerConfig(
-        max_num_seqs=workload.max_num_seqs, max_num_batched_tokens=workload.budget
+    config = replace(
+        config or SchedulerConfig(),
+        max_num_seqs=workload.max_num_seqs,
+        max_num_batched_tokens=workload.budget,
     )
-    scheduler = Scheduler(config, block_manager)
+    is_fcfs = config.policy == "fcfs"
+    swap = SwapSpace(swap_blocks, lambda seq: True) if swap_blocks else None
+    scheduler = Scheduler(config, block_manager, swap)
     tracker = Tracker(workload.block_size)
     seqs = [
-        Sequence(str(i), list(r.prompt), SamplingParams(max_tokens=r.max_tokens), frozenset())
+        Sequence(
+            str(i),
+            list(r.prompt),
+            SamplingParams(max_tokens=r.max_tokens),
+            frozenset(),
+            priority=r.priority,
+        )
         for i, r in enumerate(workload.requests)
     ]
     sorted_arrivals = sorted(range(len(seqs)), key=lambda i: workload.requests[i].arrival_step)
@@ -217,7 +281,9 @@ def run(workload: Workload) -> tuple[list[Sequence], Tracker, int]:
         preemptions = {s.request_id: s.num_preemptions for s in seqs}
         out = scheduler.schedule()
         assert out.chunks or not scheduler.has_unfinished, "work left but nothing scheduled"
-        check_step(scheduler, out, tracker, decoding, preemptions)
+        swapped_in = tracker.apply_swaps(out)
+        check_step(scheduler, out, tracker, decoding, preemptions, swapped_in)
+        tracker.note_gaps(scheduler, out)
         for chunk in out.chunks:  # as Engine.step applies a step
             seq = chunk.seq
             seq.num_computed_tokens = chunk.end
@@ -226,14 +292,14 @@ def run(workload: Workload) -> tuple[list[Sequence], Tracker, int]:
                 seq.append_token(fake_token(seq), None)
                 if len(seq.output_token_ids) >= seq.params.max_tokens:
                     scheduler.finish(seq, FinishReason.LENGTH)
-        check_queues(scheduler, arrival_rank)
+        check_queues(scheduler, arrival_rank) if is_fcfs else check_blocks(scheduler)
         step += 1
         assert step <= max_steps, "a request starves"
     allocator = block_manager.allocator
     assert allocator.num_used == 0 and set(allocator.ref_counts) == {0}
     assert allocator.num_free == workload.num_blocks
-    # First admissions happen in arrival order.
-    assert tracker.admission_order == [seqs[i].request_id for i in sorted_arrivals]
+    if is_fcfs:  # first admissions happen in arrival order
+        assert tracker.admission_order == [seqs[i].request_id for i in sorted_arrivals]
     return seqs, tracker, step
 
 

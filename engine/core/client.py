@@ -255,10 +255,13 @@ class EngineCoreClient:
         output_token_ids: list[int] | None = None,
         kv_import: list[bytes] | None = None,
         prefetch: bool = False,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """One request's outputs until it finishes; leaving early aborts it."""
         stream = _Stream()
-        add = Add(request_id, prompt_token_ids, params, output_token_ids, kv_import, prefetch)
+        add = Add(
+            request_id, prompt_token_ids, params, output_token_ids, kv_import, prefetch, priority
+        )
         self.add(add, stream)
         finished = False
         try:

@@ -25,6 +25,8 @@ class Add(msgspec.Struct, tag=True, array_like=True):
     output_token_ids: list[int] | None = None
     kv_import: list[bytes] | None = None
     prefetch: bool = False
+    #: Scheduling priority (lower runs first) under the ``priority`` policy.
+    priority: int = 0
 
 
 class Resume(msgspec.Struct, tag=True, array_like=True):

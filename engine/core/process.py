@@ -137,7 +137,7 @@ class EngineCore:
             return
         try:
             if add.prefetch:
-                self.engine.prefetch(add.prompt_token_ids, add.params, add.request_id)
+                self.engine.prefetch(add.prompt_token_ids, add.params, add.request_id, add.priority)
             else:
                 self.engine.add_request(
                     add.prompt_token_ids,
@@ -145,6 +145,7 @@ class EngineCore:
                     add.request_id,
                     add.output_token_ids,
                     add.kv_import,
+                    add.priority,
                 )
         except Exception as error:
             self.pending.append(failed(add.request_id, error))

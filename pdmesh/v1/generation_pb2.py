@@ -24,41 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apdmesh/v1/generation.proto\x12\tpdmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd1\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x10 \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x11 \x01(\x02H\n\x88\x01\x01\x42\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.pdmesh.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"b\n\x07Timings\x12\x1e\n\x16time_to_first_token_ms\x18\x01 \x01(\x01\x12%\n\x1dmean_time_per_output_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xe8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.pdmesh.v1.Timings\"[\n\x0fTokenizeRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessageB\t\n\x07_prompt\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\xb7\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x1b\n\x13num_prefill_workers\x18\x05 \x01(\x05\x12\x1a\n\x12num_decode_workers\x18\x06 \x01(\x05\x12\x1b\n\x13num_refused_workers\x18\x07 \x01(\x05\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xe6\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x12H\n\rGenerateUnary\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse\x12\x43\n\x08Tokenize\x12\x1a.pdmesh.v1.TokenizeRequest\x1a\x1b.pdmesh.v1.TokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.pdmesh.v1.ModelInfoRequest\x1a\x1c.pdmesh.v1.ModelInfoResponse\x12:\n\x05\x41\x62ort\x12\x17.pdmesh.v1.AbortRequest\x1a\x18.pdmesh.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apdmesh/v1/generation.proto\x12\tpdmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe3\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x10 \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x11 \x01(\x02H\n\x88\x01\x01\x12\x10\n\x08priority\x18\x12 \x01(\x05\x42\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.pdmesh.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"b\n\x07Timings\x12\x1e\n\x16time_to_first_token_ms\x18\x01 \x01(\x01\x12%\n\x1dmean_time_per_output_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xe8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.pdmesh.v1.Timings\"[\n\x0fTokenizeRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessageB\t\n\x07_prompt\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\xb7\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x1b\n\x13num_prefill_workers\x18\x05 \x01(\x05\x12\x1a\n\x12num_decode_workers\x18\x06 \x01(\x05\x12\x1b\n\x13num_refused_workers\x18\x07 \x01(\x05\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xe6\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x12H\n\rGenerateUnary\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse\x12\x43\n\x08Tokenize\x12\x1a.pdmesh.v1.TokenizeRequest\x1a\x1b.pdmesh.v1.TokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.pdmesh.v1.ModelInfoRequest\x1a\x1c.pdmesh.v1.ModelInfoResponse\x12:\n\x05\x41\x62ort\x12\x17.pdmesh.v1.AbortRequest\x1a\x18.pdmesh.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1645
-  _globals['_FINISHREASON']._serialized_end=1790
+  _globals['_FINISHREASON']._serialized_start=1663
+  _globals['_FINISHREASON']._serialized_end=1808
   _globals['_CHATMESSAGE']._serialized_start=41
   _globals['_CHATMESSAGE']._serialized_end=85
   _globals['_GENERATEREQUEST']._serialized_start=88
-  _globals['_GENERATEREQUEST']._serialized_end=681
-  _globals['_TOKENLOGPROB']._serialized_start=683
-  _globals['_TOKENLOGPROB']._serialized_end=768
-  _globals['_TOPLOGPROB']._serialized_start=770
-  _globals['_TOPLOGPROB']._serialized_end=817
-  _globals['_USAGE']._serialized_start=819
-  _globals['_USAGE']._serialized_end=899
-  _globals['_TIMINGS']._serialized_start=901
-  _globals['_TIMINGS']._serialized_end=999
-  _globals['_GENERATERESPONSE']._serialized_start=1002
-  _globals['_GENERATERESPONSE']._serialized_end=1234
-  _globals['_TOKENIZEREQUEST']._serialized_start=1236
-  _globals['_TOKENIZEREQUEST']._serialized_end=1327
-  _globals['_TOKENIZERESPONSE']._serialized_start=1329
-  _globals['_TOKENIZERESPONSE']._serialized_end=1366
-  _globals['_MODELINFOREQUEST']._serialized_start=1368
-  _globals['_MODELINFOREQUEST']._serialized_end=1386
-  _globals['_MODELINFORESPONSE']._serialized_start=1389
-  _globals['_MODELINFORESPONSE']._serialized_end=1572
-  _globals['_ABORTREQUEST']._serialized_start=1574
-  _globals['_ABORTREQUEST']._serialized_end=1608
-  _globals['_ABORTRESPONSE']._serialized_start=1610
-  _globals['_ABORTRESPONSE']._serialized_end=1642
-  _globals['_GENERATION']._serialized_start=1793
-  _globals['_GENERATION']._serialized_end=2151
+  _globals['_GENERATEREQUEST']._serialized_end=699
+  _globals['_TOKENLOGPROB']._serialized_start=701
+  _globals['_TOKENLOGPROB']._serialized_end=786
+  _globals['_TOPLOGPROB']._serialized_start=788
+  _globals['_TOPLOGPROB']._serialized_end=835
+  _globals['_USAGE']._serialized_start=837
+  _globals['_USAGE']._serialized_end=917
+  _globals['_TIMINGS']._serialized_start=919
+  _globals['_TIMINGS']._serialized_end=1017
+  _globals['_GENERATERESPONSE']._serialized_start=1020
+  _globals['_GENERATERESPONSE']._serialized_end=1252
+  _globals['_TOKENIZEREQUEST']._serialized_start=1254
+  _globals['_TOKENIZEREQUEST']._serialized_end=1345
+  _globals['_TOKENIZERESPONSE']._serialized_start=1347
+  _globals['_TOKENIZERESPONSE']._serialized_end=1384
+  _globals['_MODELINFOREQUEST']._serialized_start=1386
+  _globals['_MODELINFOREQUEST']._serialized_end=1404
+  _globals['_MODELINFORESPONSE']._serialized_start=1407
+  _globals['_MODELINFORESPONSE']._serialized_end=1590
+  _globals['_ABORTREQUEST']._serialized_start=1592
+  _globals['_ABORTREQUEST']._serialized_end=1626
+  _globals['_ABORTRESPONSE']._serialized_start=1628
+  _globals['_ABORTRESPONSE']._serialized_end=1660
+  _globals['_GENERATION']._serialized_start=1811
+  _globals['_GENERATION']._serialized_end=2169
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import generation_pb2 as pdmesh_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/worker.proto\x12\tpdmesh.v1\x1a\x1apdmesh/v1/generation.proto\"\xa3\x02\n\x0eWorkerSampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\\\n\tKVHandoff\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\tnamespace\x18\x04 \x01(\t\"\xbb\x01\n\x0cStartRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.WorkerSampling\x12\x1b\n\x0e\x66irst_token_id\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12 \n\x02kv\x18\x05 \x01(\x0b\x32\x14.pdmesh.v1.KVHandoffB\x11\n\x0f_first_token_id\"]\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12 \n\x02kv\x18\x03 \x01(\x0b\x32\x14.pdmesh.v1.KVHandoff\"\x82\x01\n\x0eSessionCommand\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.pdmesh.v1.StartRequestH\x00\x12*\n\x06resume\x18\x02 \x01(\x0b\x32\x18.pdmesh.v1.ResumeRequestH\x00\x12\x0f\n\x05\x61\x62ort\x18\x03 \x01(\tH\x00\x42\t\n\x07\x63ommand\">\n\x0fSessionCommands\x12+\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x19.pdmesh.v1.SessionCommand\"\xf4\x01\n\x0cRequestEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\x12 \n\x02kv\x18\x06 \x01(\x0b\x32\x14.pdmesh.v1.KVHandoff\x12\x12\n\nerror_code\x18\x07 \x01(\x05\x12\x15\n\rerror_message\x18\x08 \x01(\t\"8\n\rSessionEvents\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.pdmesh.v1.RequestEvent\"(\n\x12WorkerAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"&\n\x13WorkerAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\r\n\x0bLoadRequest\"\x90\x02\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\"\n\x1aoutstanding_prefill_tokens\x18\x03 \x01(\x03\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\x05\x12\x17\n\x0fnum_used_blocks\x18\x06 \x01(\x05\x12\x1b\n\x13num_retained_blocks\x18\x07 \x01(\x03\x12\x1d\n\x15num_prefetched_blocks\x18\x08 \x01(\x03\x12\x19\n\x11num_loaded_blocks\x18\t \x01(\x03\x12\x11\n\tnamespace\x18\n \x01(\t\"\x13\n\x11WorkerInfoRequest\"\xa5\x01\n\nWorkerInfo\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t2\x90\x02\n\rPrefillWorker\x12\x43\n\x07Session\x12\x1a.pdmesh.v1.SessionCommands\x1a\x18.pdmesh.v1.SessionEvents(\x01\x30\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.pdmesh.v1.WorkerAbortRequest\x1a\x1e.pdmesh.v1.WorkerAbortResponse\x12\x35\n\x04Load\x12\x16.pdmesh.v1.LoadRequest\x1a\x15.pdmesh.v1.LoadReport\x12;\n\x04Info\x12\x1c.pdmesh.v1.WorkerInfoRequest\x1a\x15.pdmesh.v1.WorkerInfo2\x8f\x02\n\x0c\x44\x65\x63odeWorker\x12\x43\n\x07Session\x12\x1a.pdmesh.v1.SessionCommands\x1a\x18.pdmesh.v1.SessionEvents(\x01\x30\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.pdmesh.v1.WorkerAbortRequest\x1a\x1e.pdmesh.v1.WorkerAbortResponse\x12\x35\n\x04Load\x12\x16.pdmesh.v1.LoadRequest\x1a\x15.pdmesh.v1.LoadReport\x12;\n\x04Info\x12\x1c.pdmesh.v1.WorkerInfoRequest\x1a\x15.pdmesh.v1.WorkerInfo2\x92\x02\n\x0f\x43olocatedWorker\x12\x43\n\x07Session\x12\x1a.pdmesh.v1.SessionCommands\x1a\x18.pdmesh.v1.SessionEvents(\x01\x30\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.pdmesh.v1.WorkerAbortRequest\x1a\x1e.pdmesh.v1.WorkerAbortResponse\x12\x35\n\x04Load\x12\x16.pdmesh.v1.LoadRequest\x1a\x15.pdmesh.v1.LoadReport\x12;\n\x04Info\x12\x1c.pdmesh.v1.WorkerInfoRequest\x1a\x15.pdmesh.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/worker.proto\x12\tpdmesh.v1\x1a\x1apdmesh/v1/generation.proto\"\xa3\x02\n\x0eWorkerSampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\\\n\tKVHandoff\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\tnamespace\x18\x04 \x01(\t\"\xcd\x01\n\x0cStartRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.WorkerSampling\x12\x1b\n\x0e\x66irst_token_id\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12 \n\x02kv\x18\x05 \x01(\x0b\x32\x14.pdmesh.v1.KVHandoff\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\x11\n\x0f_first_token_id\"]\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12 \n\x02kv\x18\x03 \x01(\x0b\x32\x14.pdmesh.v1.KVHandoff\"\x82\x01\n\x0eSessionCommand\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.pdmesh.v1.StartRequestH\x00\x12*\n\x06resume\x18\x02 \x01(\x0b\x32\x18.pdmesh.v1.ResumeRequestH\x00\x12\x0f\n\x05\x61\x62ort\x18\x03 \x01(\tH\x00\x42\t\n\x07\x63ommand\">\n\x0fSessionCommands\x12+\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x19.pdmesh.v1.SessionCommand\"\xf4\x01\n\x0cRequestEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\x12 \n\x02kv\x18\x06 \x01(\x0b\x32\x14.pdmesh.v1.KVHandoff\x12\x12\n\nerror_code\x18\x07 \x01(\x05\x12\x15\n\rerror_message\x18\x08 \x01(\t\"8\n\rSessionEvents\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.pdmesh.v1.RequestEvent\"(\n\x12WorkerAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"&\n\x13WorkerAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\r\n\x0bLoadRequest\"\x90\x02\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\"\n\x1aoutstanding_prefill_tokens\x18\x03 \x01(\x03\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\x05\x12\x17\n\x0fnum_used_blocks\x18\x06 \x01(\x05\x12\x1b\n\x13num_retained_blocks\x18\x07 \x01(\x03\x12\x1d\n\x15num_prefetched_blocks\x18\x08 \x01(\x03\x12\x19\n\x11num_loaded_blocks\x18\t \x01(\x03\x12\x11\n\tnamespace\x18\n \x01(\t\"\x13\n\x11WorkerInfoRequest\"\xa5\x01\n\nWorkerInfo\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t2\x90\x02\n\rPrefillWorker\x12\x43\n\x07Session\x12\x1a.pdmesh.v1.SessionCommands\x1a\x18.pdmesh.v1.SessionEvents(\x01\x30\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.pdmesh.v1.WorkerAbortRequest\x1a\x1e.pdmesh.v1.WorkerAbortResponse\x12\x35\n\x04Load\x12\x16.pdmesh.v1.LoadRequest\x1a\x15.pdmesh.v1.LoadReport\x12;\n\x04Info\x12\x1c.pdmesh.v1.WorkerInfoRequest\x1a\x15.pdmesh.v1.WorkerInfo2\x8f\x02\n\x0c\x44\x65\x63odeWorker\x12\x43\n\x07Session\x12\x1a.pdmesh.v1.SessionCommands\x1a\x18.pdmesh.v1.SessionEvents(\x01\x30\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.pdmesh.v1.WorkerAbortRequest\x1a\x1e.pdmesh.v1.WorkerAbortResponse\x12\x35\n\x04Load\x12\x16.pdmesh.v1.LoadRequest\x1a\x15.pdmesh.v1.LoadReport\x12;\n\x04Info\x12\x1c.pdmesh.v1.WorkerInfoRequest\x1a\x15.pdmesh.v1.WorkerInfo2\x92\x02\n\x0f\x43olocatedWorker\x12\x43\n\x07Session\x12\x1a.pdmesh.v1.SessionCommands\x1a\x18.pdmesh.v1.SessionEvents(\x01\x30\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.pdmesh.v1.WorkerAbortRequest\x1a\x1e.pdmesh.v1.WorkerAbortResponse\x12\x35\n\x04Load\x12\x16.pdmesh.v1.LoadRequest\x1a\x15.pdmesh.v1.LoadReport\x12;\n\x04Info\x12\x1c.pdmesh.v1.WorkerInfoRequest\x1a\x15.pdmesh.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,33 +37,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVHANDOFF']._serialized_start=359
   _globals['_KVHANDOFF']._serialized_end=451
   _globals['_STARTREQUEST']._serialized_start=454
-  _globals['_STARTREQUEST']._serialized_end=641
-  _globals['_RESUMEREQUEST']._serialized_start=643
-  _globals['_RESUMEREQUEST']._serialized_end=736
-  _globals['_SESSIONCOMMAND']._serialized_start=739
-  _globals['_SESSIONCOMMAND']._serialized_end=869
-  _globals['_SESSIONCOMMANDS']._serialized_start=871
-  _globals['_SESSIONCOMMANDS']._serialized_end=933
-  _globals['_REQUESTEVENT']._serialized_start=936
-  _globals['_REQUESTEVENT']._serialized_end=1180
-  _globals['_SESSIONEVENTS']._serialized_start=1182
-  _globals['_SESSIONEVENTS']._serialized_end=1238
-  _globals['_WORKERABORTREQUEST']._serialized_start=1240
-  _globals['_WORKERABORTREQUEST']._serialized_end=1280
-  _globals['_WORKERABORTRESPONSE']._serialized_start=1282
-  _globals['_WORKERABORTRESPONSE']._serialized_end=1320
-  _globals['_LOADREQUEST']._serialized_start=1322
-  _globals['_LOADREQUEST']._serialized_end=1335
-  _globals['_LOADREPORT']._serialized_start=1338
-  _globals['_LOADREPORT']._serialized_end=1610
-  _globals['_WORKERINFOREQUEST']._serialized_start=1612
-  _globals['_WORKERINFOREQUEST']._serialized_end=1631
-  _globals['_WORKERINFO']._serialized_start=1634
-  _globals['_WORKERINFO']._serialized_end=1799
-  _globals['_PREFILLWORKER']._serialized_start=1802
-  _globals['_PREFILLWORKER']._serialized_end=2074
-  _globals['_DECODEWORKER']._serialized_start=2077
-  _globals['_DECODEWORKER']._serialized_end=2348
-  _globals['_COLOCATEDWORKER']._serialized_start=2351
-  _globals['_COLOCATEDWORKER']._serialized_end=2625
+  _globals['_STARTREQUEST']._serialized_end=659
+  _globals['_RESUMEREQUEST']._serialized_start=661
+  _globals['_RESUMEREQUEST']._serialized_end=754
+  _globals['_SESSIONCOMMAND']._serialized_start=757
+  _globals['_SESSIONCOMMAND']._serialized_end=887
+  _globals['_SESSIONCOMMANDS']._serialized_start=889
+  _globals['_SESSIONCOMMANDS']._serialized_end=951
+  _globals['_REQUESTEVENT']._serialized_start=954
+  _globals['_REQUESTEVENT']._serialized_end=1198
+  _globals['_SESSIONEVENTS']._serialized_start=1200
+  _globals['_SESSIONEVENTS']._serialized_end=1256
+  _globals['_WORKERABORTREQUEST']._serialized_start=1258
+  _globals['_WORKERABORTREQUEST']._serialized_end=1298
+  _globals['_WORKERABORTRESPONSE']._serialized_start=1300
+  _globals['_WORKERABORTRESPONSE']._serialized_end=1338
+  _globals['_LOADREQUEST']._serialized_start=1340
+  _globals['_LOADREQUEST']._serialized_end=1353
+  _globals['_LOADREPORT']._serialized_start=1356
+  _globals['_LOADREPORT']._serialized_end=1628
+  _globals['_WORKERINFOREQUEST']._serialized_start=1630
+  _globals['_WORKERINFOREQUEST']._serialized_end=1649
+  _globals['_WORKERINFO']._serialized_start=1652
+  _globals['_WORKERINFO']._serialized_end=1817
+  _globals['_PREFILLWORKER']._serialized_start=1820
+  _globals['_PREFILLWORKER']._serialized_end=2092
+  _globals['_DECODEWORKER']._serialized_start=2095
+  _globals['_DECODEWORKER']._serialized_end=2366
+  _globals['_COLOCATEDWORKER']._serialized_start=2369
+  _globals['_COLOCATEDWORKER']._serialized_end=2643
 # @@protoc_insertion_point(module_scope)

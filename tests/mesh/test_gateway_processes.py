@@ -1,9 +1,11 @@
 """`pdmesh up --gateway-processes 2`: two gateway processes share the gRPC and HTTP ports
 (the kernel spreads connections over them), both serve, outputs are the engine's, and an
-Abort that reaches the process not running the request still ends it."""
+Abort that reaches the process not running the request still ends it. Both name the model
+``--served-model-name`` on the HTTP port."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 KEY = "gateway-processes-test-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
 CONNECTIONS = 12
+SERVED_NAME = "smol-served"
 
 
 @dataclass
@@ -39,7 +42,7 @@ class Up:
 def up() -> Iterator[Up]:
     command = [sys.executable, "-m", "pdmesh.cli", "up", "--device", "cpu", "--colocated"]
     command += ["--gateway-processes", "2", "--port", "0", "--metrics-port", "0"]
-    command += ["--http-port", "0", "--api-key", KEY]
+    command += ["--http-port", "0", "--api-key", KEY, "--served-model-name", SERVED_NAME]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
@@ -86,9 +89,14 @@ def test_both_processes_serve_one_port_with_the_engines_outputs(up: Up, smol_llm
     served = {name: _finished(url) for name, url in up.metrics.items()}
     assert sum(served.values()) == CONNECTIONS
     assert all(count > 0 for count in served.values()), served  # both took connections
-    for _ in range(4):  # the HTTP port is shared too
+    for _ in range(8):  # the HTTP port is shared too
         health = urllib.request.urlopen(up.http.removesuffix("/v1") + "/health", timeout=10)
         assert health.status == 200
+        models = urllib.request.Request(
+            f"{up.http}/models", headers={"Authorization": f"Bearer {KEY}"}
+        )
+        with urllib.request.urlopen(models, timeout=10) as reply:
+            assert [m["id"] for m in json.load(reply)["data"]] == [SERVED_NAME]
 
 
 def _connection(address: str) -> grpc.Channel:

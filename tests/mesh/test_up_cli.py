@@ -1,6 +1,8 @@
 """`pdmesh up` as a user runs it: a separate process that prints where it listens, serves,
 and on SIGTERM (or Ctrl-C, the same handler) drains: health turns NOT_SERVING, new requests
-get UNAVAILABLE, the request in flight still completes, then the process exits 0."""
+get UNAVAILABLE, the request in flight still completes, then the process exits 0. Its
+OpenAI HTTP API (``--port 0``: a free port too) names the model by its file and follows the
+same health."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import time
 from typing import Any
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engine.model_source import default_model_path
 from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import generation_pb2_grpc as gen_grpc
 
@@ -26,6 +30,10 @@ def _health(channel: grpc.Channel) -> Any:
     return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status
 
 
+def _http_health(base: str) -> int:
+    return httpx.get(f"{base}/health", timeout=10).status_code
+
+
 def test_pdmesh_up_serves_and_drains_on_sigterm() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "pdmesh.cli", "up", "--device", "cpu", "--port", "0"],
@@ -34,15 +42,20 @@ def test_pdmesh_up_serves_and_drains_on_sigterm() -> None:
         text=True,
     )
     try:
-        address = None
+        address = base = None
         deadline = time.monotonic() + 240
         assert process.stdout is not None
         while address is None and time.monotonic() < deadline:
             line = process.stdout.readline()
             assert line, "pdmesh up exited before listening"
+            if match := re.search(r"OpenAI API on (http://\S+)/v1", line):
+                base = match.group(1)
             match = re.search(r"gateway listening on (\S+)", line)
             address = match.group(1) if match else None
-        assert address is not None
+        assert address is not None and base is not None
+        assert _http_health(base) == 200
+        models = httpx.get(f"{base}/v1/models", timeout=10).json()["data"]
+        assert [m["id"] for m in models] == [default_model_path().name]
         with grpc.insecure_channel(address) as channel:
             assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
             stub = gen_grpc.GenerationStub(channel)
@@ -66,6 +79,9 @@ def test_pdmesh_up_serves_and_drains_on_sigterm() -> None:
             while _health(channel) != health_pb2.HealthCheckResponse.NOT_SERVING:
                 assert time.monotonic() < deadline, "health never turned NOT_SERVING"
                 time.sleep(0.05)
+            assert _http_health(base) == 503
+            late = httpx.post(f"{base}/v1/completions", json={"prompt": "late"}, timeout=30)
+            assert late.status_code == 503 and late.json()["error"]["code"] == "unavailable"
             try:
                 stub.GenerateUnary(gen_pb.GenerateRequest(prompt="late"), timeout=30)
                 raise AssertionError("a request was accepted while draining")
