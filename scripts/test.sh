@@ -27,7 +27,7 @@ failed=()
 m=tests/mesh
 light="$m/test_auth.py $m/test_compose.py $m/test_grpcurl.py $m/test_metrics.py $m/test_tls.py"
 light+=" $m/test_up_cli.py $m/test_model_families_mesh.py $m/test_worker_failure.py"
-light+=" $m/test_gateway_processes.py"
+light+=" $m/test_gateway_processes.py $m/test_priority.py $m/test_mesh_model.py"
 # The end-to-end group runs two modules at a time; the others (many small meshes; kills and
 # deadlines of a fraction of a second) one at a time.
 named=(
