@@ -34,9 +34,9 @@ case "$1" in
     python -m bench.profile_serve --shape ${SHAPE:-8b} --batch ${BATCH:-256} --layout ${LAYOUT:-a_up_colocated} \
       --out "$OUT/profile_serve" 2>&1 | grep -v "^WARNING" | tail -150 ;;
   gemm_shapes)
-    python -m bench.gemm_shapes --out "$OUT/gemm_shapes.json" 2>&1 | grep -v "^WARNING" | tail -20 ;;
+    python -m scripts.probes.gemm_shapes --out "$OUT/gemm_shapes.json" 2>&1 | grep -v "^WARNING" | tail -20 ;;
   attention_sweep)
-    python -m bench.decode_attention_sweep --out "$OUT/decode_attention_sweep.json" 2>&1 | tail -60 ;;
+    python -m scripts.probes.decode_attention_sweep --out "$OUT/decode_attention_sweep.json" 2>&1 | tail -60 ;;
   profile)
     python -m scripts.probes.profile_decode --batches 256 512 --steps 20 2>&1 | tail -80 > "$OUT/profile.txt"; head -c 20000 "$OUT/profile.txt" ;;
 esac

@@ -1,6 +1,6 @@
 """Decode attention launch-parameter sweep at serving batch sizes (issue 14's engine target).
 
-    python -m bench.decode_attention_sweep --out /tmp/sweep.json
+    python -m scripts.probes.decode_attention_sweep --out /tmp/sweep.json
 
 The kernel benchmark's decode cases are long contexts at small batches; a served 8B decode
 step at batch 256-512 has contexts of 128-384 tokens, where each (sequence, KV head) program

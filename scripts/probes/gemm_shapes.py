@@ -1,7 +1,7 @@
 """The 8B decode step's GEMMs at serving batch sizes, against the tensor-core peak measured in
 the same run (issue 14's engine target: the GEMMs set a batch-256 step's time).
 
-    python -m bench.gemm_shapes --out /tmp/gemm.json
+    python -m scripts.probes.gemm_shapes --out /tmp/gemm.json
 
 For each Llama-3.1-8B projection at M = 256 and 512 tokens it times ``F.linear`` with the
 weight as the engine stores it (N, K), ``torch.mm`` with a pre-transposed (K, N) weight, and
