@@ -17,6 +17,7 @@ from engine.config import (
     SCHEDULING_POLICIES,
     CacheConfig,
     EngineConfig,
+    MLFQConfig,
     OffloadConfig,
     SchedulerConfig,
     default_device,
@@ -33,6 +34,19 @@ ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
     "offload_weights": (str, "where layers beyond the GPU budget stay: " + "|".join(OFFLOAD_KINDS)),
     "gpu_weight_budget_gib": (float, "device GiB for weights under offload (default: all stream)"),
     "swap_space_gib": (float, "host GiB for preempted requests' KV (default 0: recompute)"),
+    "mlfq_levels": (int, "mlfq: queues, level 0 served first (default 4)"),
+    "mlfq_base_quantum": (int, "mlfq: tokens generated at level 0 before demotion (default 32)"),
+    "mlfq_quantum_growth": (int, "mlfq: each level's quantum and prompt limit grow by (default 2)"),
+    "mlfq_join_prompt_tokens": (int, "mlfq: longest prompt that joins level 0 (default 512)"),
+    "mlfq_promotion_period": (int, "mlfq: idle steps before promotion to level 0 (default 500)"),
+}
+#: MLFQConfig field -> its flag in ENGINE_FLAGS.
+MLFQ_FLAGS = {
+    "num_levels": "mlfq_levels",
+    "base_quantum": "mlfq_base_quantum",
+    "quantum_growth": "mlfq_quantum_growth",
+    "join_prompt_tokens": "mlfq_join_prompt_tokens",
+    "promotion_period": "mlfq_promotion_period",
 }
 GPU_MAX_NUM_SEQS = 256
 CPU_MAX_NUM_SEQS = 64
@@ -93,6 +107,11 @@ def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _mlfq_config(args: argparse.Namespace, environ: Mapping[str, str]) -> MLFQConfig:
+    given = {field: _setting(args, flag, environ) for field, flag in MLFQ_FLAGS.items()}
+    return MLFQConfig(**{field: value for field, value in given.items() if value is not None})
+
+
 def engine_config_from(
     args: argparse.Namespace, environ: Mapping[str, str] = os.environ
 ) -> EngineConfig:
@@ -132,6 +151,7 @@ def engine_config_from(
             max_num_seqs=seqs,
             max_num_batched_tokens=tokens,
             policy=_setting(args, "scheduling_policy", environ) or "fcfs",
+            mlfq=_mlfq_config(args, environ),
         ),
         cache=CacheConfig(**{k: v for k, v in cache.items() if v is not None}),
         offload=offload,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from engine.config import MLFQConfig, SchedulerConfig
 from engine.sequence import Sequence
 
-Rank = tuple[int, int]
+Rank = tuple[int, ...]
 
 
 class SchedulingPolicy:
@@ -102,6 +102,12 @@ class _Queue:
     entry_tokens: int
     #: The step it last ran in (or arrived in).
     last_step: int
+    #: Promoted for having waited a whole promotion period, until its level-0 quantum runs
+    #: out: it is served before every other request of its level and may preempt them, so it
+    #: runs in the step after its promotion unless older starved requests hold the seats.
+    #: (Holding the rank for the whole quantum, not one step, keeps two starved requests from
+    #: preempting each other in turn and losing their progress.)
+    starved: bool = False
 
 
 class MLFQPolicy(RankedPolicy):
@@ -109,8 +115,8 @@ class MLFQPolicy(RankedPolicy):
     quantum covers its prompt (the prompt's length predicts its first iteration), is demoted
     one level each time it generates its level's quantum of tokens (quanta grow by
     ``quantum_growth`` per level), and goes back to level 0 when it has not run for
-    ``promotion_period`` iterations. Lower levels are served first; within a level, arrival
-    order."""
+    ``promotion_period`` iterations, ahead of that level's other requests for its quantum.
+    Lower levels are served first; within a level, the starved, then arrival order."""
 
     name = "mlfq"
 
@@ -147,6 +153,16 @@ class MLFQPolicy(RankedPolicy):
     def level(self, seq: Sequence) -> int:
         return self._queues[seq].level
 
+    def _standing(self, seq: Sequence) -> tuple[int, int]:
+        queue = self._queues[seq]
+        return queue.level, 0 if queue.starved else 1
+
+    def rank(self, seq: Sequence) -> Rank:
+        return (*self._standing(seq), self._arrival[seq])
+
+    def outranks(self, seq: Sequence, other: Sequence) -> bool:
+        return self._standing(seq) < self._standing(other)
+
     def begin_step(self, seqs: list[Sequence]) -> None:
         self.step += 1
         for seq in seqs:
@@ -154,11 +170,12 @@ class MLFQPolicy(RankedPolicy):
             num_output = len(seq.output_token_ids)
             if self.step - queue.last_step > self.config.promotion_period:
                 queue.level, queue.entry_tokens = 0, num_output  # starved: back to the top
-                queue.last_step = self.step
+                queue.last_step, queue.starved = self.step, True
                 continue
             quantum = self.quantum(queue.level)
             if quantum is not None and num_output - queue.entry_tokens >= quantum:
                 queue.level, queue.entry_tokens = queue.level + 1, num_output
+                queue.starved = False
 
     def scheduled(self, seqs: list[Sequence]) -> None:
         for seq in seqs:

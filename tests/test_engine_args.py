@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from engine.args import add_engine_args, engine_config_from
-from engine.config import CacheConfig, EngineConfig, auto_dtype
+from engine.config import CacheConfig, EngineConfig, MLFQConfig, auto_dtype
 from pdmesh.mesh import MeshConfig, Placement, warn_shared_devices
 
 
@@ -93,3 +93,17 @@ def test_scheduling_policy_flag_and_variable() -> None:
         parse("--scheduling-policy", "lifo")
     with pytest.raises(ValueError, match="scheduling policy must be one of fcfs, priority, mlfq"):
         engine_config_from(parse(), {"PDMESH_SCHEDULING_POLICY": "lifo"})
+
+
+def test_mlfq_settings_flags_and_variables() -> None:
+    assert engine_config_from(parse(), {}).scheduler.mlfq == MLFQConfig()
+    environ = {"PDMESH_MLFQ_PROMOTION_PERIOD": "40", "PDMESH_MLFQ_LEVELS": "3"}
+    flags = parse(
+        "--mlfq-base-quantum", "8", "--mlfq-levels", "2", "--mlfq-join-prompt-tokens", "64"
+    )
+    mlfq = engine_config_from(flags, environ).scheduler.mlfq
+    assert mlfq == MLFQConfig(
+        num_levels=2, base_quantum=8, join_prompt_tokens=64, promotion_period=40
+    )  # the flag wins over the variable; unset ones keep their defaults
+    with pytest.raises(ValueError, match="mlfq base_quantum must be at least 1"):
+        engine_config_from(parse("--mlfq-base-quantum", "0"), {})

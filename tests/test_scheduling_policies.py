@@ -170,3 +170,26 @@ def test_mlfq_promotes_a_starved_request_to_level_zero() -> None:
         sim.step()
     assert len(short.output_token_ids) == 10
     sim.assert_all_free()
+
+
+def test_mlfq_a_promoted_request_preempts_level_zero_requests_that_did_not_starve() -> None:
+    sim = mlfq_driver(max_num_seqs=1, budget=2)
+    old = sim.add("O", tokens(0, 8), max_tokens=1)  # level 0; 4 steps of 2-token chunks
+    long = sim.add("L", tokens(100, 20), max_tokens=1)  # skip-joins level 2
+    policy = sim.scheduler.policy
+    assert isinstance(policy, MLFQPolicy)
+    assert [sim.step() for _ in range(3)] == [[("O", 0, 2)], [("O", 2, 4)], [("O", 4, 6)]]
+    # L has waited longer than the period (3): promoted and starved, it outranks O although
+    # both are now at level 0 and O came first, and takes O's seat (O recomputes).
+    assert sim.step() == [("L", 0, 2)]
+    assert policy.level(long) == 0 and sim.last is not None and sim.last.preempted == [old]
+    assert old.num_computed_tokens == 0
+    # O starves in turn, but one starved request never preempts another (no thrashing):
+    # L keeps the seat to its end, then O runs.
+    plan = []
+    while sim.scheduler.has_unfinished:
+        plan.append(sim.step())
+    assert plan == [[("L", n, n + 2)] for n in range(2, 20, 2)] + [
+        [("O", n, n + 2)] for n in range(0, 8, 2)
+    ]
+    sim.assert_all_free()
