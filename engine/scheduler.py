@@ -138,6 +138,7 @@ class Scheduler:
         self._continue_prompts(plan, [s for s in prompts if s not in behind])
         self._admit_waiting(plan)
         self._continue_prompts(plan, behind)
+        self._break_block_deadlock(plan)
         self.policy.scheduled([c.seq for c in plan.chunks])
         return SchedulerOutput(
             plan.chunks, plan.imports, self._preempted_this_step, self._swap_out, self._swap_in
@@ -148,6 +149,14 @@ class Scheduler:
         ordered = self.policy.order(list(self.waiting))
         if ordered != list(self.waiting):
             self.waiting = deque(ordered)
+
+    def _break_block_deadlock(self, plan: _StepPlan) -> None:
+        """An empty step with requests running means each is a prompt in progress waiting
+        for blocks the others hold (a ranked policy let a later prompt start before an
+        earlier one finished): the policy's victims give theirs back until one can go on."""
+        while not plan.chunks and self.running:
+            self._preempt(self.policy.victim(self.running))
+            self._continue_prompts(plan, list(self.running))
 
     def _continue_prompts(self, plan: _StepPlan, seqs: list[Sequence]) -> None:
         """Next chunks of prompts in progress, as far as budget and free blocks go."""

@@ -193,3 +193,22 @@ def test_mlfq_a_promoted_request_preempts_level_zero_requests_that_did_not_starv
         [("O", n, n + 2)] for n in range(0, 8, 2)
     ]
     sim.assert_all_free()
+
+
+def test_mlfq_two_prompts_short_of_blocks_do_not_deadlock() -> None:
+    """Found by the property test: a promoted request starts its prompt while an older one is
+    half done, and each then waits for blocks the other holds. The policy's victim (the one
+    that did not starve) gives its blocks back and recomputes."""
+    sim = Driver(
+        budget=2, max_num_seqs=2, num_blocks=6, block_size=1, policy="mlfq",
+        mlfq=MLFQConfig(num_levels=1, join_prompt_tokens=1, promotion_period=2),
+    )  # fmt: skip
+    old = sim.add("A", tokens(0, 5), max_tokens=1)
+    sim.add("B", tokens(100, 3), max_tokens=1)
+    assert [sim.step() for _ in range(3)] == [[("A", 0, 2)], [("A", 2, 4)], [("B", 0, 2)]]
+    assert sim.blocks.num_free_blocks == 0  # A holds 4, B 2; each needs one more
+    assert sim.step() == [("B", 2, 3)]
+    assert sim.last is not None and sim.last.preempted == [old]
+    assert [sim.step() for _ in range(3)] == [[("A", 0, 2)], [("A", 2, 4)], [("A", 4, 5)]]
+    assert not sim.scheduler.has_unfinished
+    sim.assert_all_free()
