@@ -69,6 +69,34 @@ def hf_config(layers: int | None = None, shape: str = "8b") -> Any:
     )
 
 
+def shape_dir(shape: str, folder: Path) -> str:
+    """A model directory of ``shape`` (config + synthetic tokenizer, dummy weights)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    config = smollm2_config() if shape == "135m" else hf_config(shape=shape)
+    config.torch_dtype = "bfloat16"
+    config.save_pretrained(str(folder))
+    vocab = {f"w{i}": i for i in range(config.vocab_size)}  # every id decodes to a word
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(str(folder))
+    return str(folder)
+
+
+def smollm2_config() -> Any:
+    """SmolLM2-135M's shape (the default model's), so a machine without its weights can
+    measure the serving path's own ceiling with dummy weights."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(  # type: ignore[call-arg]
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+
+
 def build_hf(layers: int) -> Any:
     from transformers import LlamaForCausalLM
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import environment, write_json
-from bench.serve_gpu import CLI, shape_dir, stop, wait_ready
+from bench.engine_gpu import shape_dir
+from bench.serve_gpu import CLI, stop, wait_ready
 from pdmesh.bench import http_runner, runner
 from pdmesh.bench.runner import LoadShape
 from pdmesh.bench.stats import SLO, report

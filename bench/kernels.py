@@ -442,6 +442,8 @@ def moe_cases(s: Shapes, device: torch.device) -> list[Case]:
             )
         )
     return cases
+
+
 def quant_cases(s: Shapes, device: torch.device) -> list[Case]:
     """int8 / fp8 GEMV and GEMM against their limits, cuBLAS bf16 as the peer
     (bench/quant_kernels.py)."""

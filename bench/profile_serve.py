@@ -18,7 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.serve_gpu import CLI, LAYOUTS, engine_flags, shape_dir, start_services, stop, wait_ready
+from bench.engine_gpu import shape_dir
+from bench.serve_gpu import CLI, LAYOUTS, engine_flags, start_services, stop, wait_ready
 
 
 def summarize(raw: Path, top: int) -> str:

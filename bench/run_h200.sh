@@ -21,6 +21,10 @@ case "$1" in
       echo "http_vs_grpc needs starlette, uvicorn and httpx (+ httpcore, certifi, idna) importable: add their wheels to .whl/"; exit 1; }
     python -m bench.http_vs_grpc_gpu --shape ${SHAPE:-8b} --concurrency ${CONCURRENCY:-64 256} --rounds ${ROUNDS:-2} \
       --work-dir "$OUT/http_vs_grpc" --out "$OUT/http_vs_grpc_h200.json" 2>&1 | grep -v "^WARNING" | tail -30 ;;
+  sched)
+    # fcfs vs mlfq (#23): the engine alone, 8B shape, a heavy-tailed workload near saturation.
+    python -m bench.sched --device cuda --shape 8b --clock wall --requests ${REQUESTS:-200} --load ${LOAD:-1.0} \
+      --max-num-seqs ${SEATS:-16} --policies ${POLICIES:-fcfs,mlfq,mlfq+swap} --out "$OUT/sched_h200_8b.json" 2>&1 | grep -v "^WARNING" | tail -20 ;;
   gputests)
     python -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_gpu_engine.py tests/test_offload.py \
       tests/test_quant_accuracy.py 2>&1 | tail -25 ;;

@@ -6,9 +6,13 @@ A request goes to the worker already holding most of its leading blocks, as SGLa
 cache-aware router and Dynamo's KV router do, but only among workers whose outstanding tokens
 are within ``max_imbalance_tokens`` of the least loaded one, so affinity cannot pile everything
 on one worker. Decode workers: most free KV blocks in their last Load report, less the
-requests sent since. A worker whose calls fail with UNAVAILABLE, or whose Load stops
-answering, leaves the rotation until it answers again. Load polls run on a thread of their own
-(``gateway.load_poller``), so a busy gateway loop cannot make a healthy worker's poll late.
+requests sent since. Under the priority scheduling policy (which each worker reports in its
+Load) only the requests a new one does not outrank count against a worker, and the blocks of
+those it does outrank count as room, so an urgent request goes where nothing at least as
+urgent is ahead of it rather than queueing behind one. A worker whose calls fail with
+UNAVAILABLE, or whose Load stops answering, leaves the rotation until it answers again. Load
+polls run on a thread of their own (``gateway.load_poller``), so a busy gateway loop cannot
+make a healthy worker's poll late.
 A worker whose Load reports a KV namespace other than the mesh's (``gateway.mesh_model``) is
 refused: never routed to, until it reports the mesh's again (restarted with the right flags).
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +73,9 @@ class Worker:
     slow_polls: int = 0
     #: The KV namespace it serves when that is not the mesh's (it is then never routed to).
     refused: str | None = None
+    #: ``in_flight`` and ``outstanding_tokens`` by request priority.
+    requests_by_priority: Counter[int] = field(default_factory=Counter)
+    tokens_by_priority: Counter[int] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         def broken() -> None:  # out of rotation until its Load answers again
@@ -104,6 +111,37 @@ class Worker:
     @property
     def free_blocks(self) -> int:
         return self.last_load.num_free_blocks
+
+    @property
+    def serves_by_priority(self) -> bool:
+        return self.last_load.scheduling_policy == "priority"
+
+    def hold(self, priority: int, requests: int, tokens: int = 0) -> None:
+        """Counts (negative: uncounts) requests and uncached prompt tokens of ``priority``
+        the gateway has in flight here."""
+        self.in_flight += requests
+        self.outstanding_tokens += tokens
+        self.requests_by_priority[priority] += requests
+        self.tokens_by_priority[priority] += tokens
+
+    def ahead(self, priority: int) -> tuple[int, int]:
+        """Requests and prompt tokens in flight here that a new request of ``priority``
+        would not overtake: under the priority policy those of a value at most its own,
+        under fcfs and mlfq all of them."""
+        if not self.serves_by_priority:
+            return self.in_flight, self.outstanding_tokens
+        requests = sum(n for p, n in self.requests_by_priority.items() if p <= priority)
+        tokens = sum(n for p, n in self.tokens_by_priority.items() if p <= priority)
+        return requests, tokens
+
+    def decode_room(self, priority: int) -> int:
+        """Blocks a new decode of ``priority`` can count on: the free ones less one per
+        request ahead of it (those sent since the last report hold blocks it still counts
+        free), plus the share of used blocks held by requests it would preempt."""
+        ahead, _ = self.ahead(priority)
+        behind = self.in_flight - ahead
+        preemptable = self.last_load.num_used_blocks * behind // max(self.in_flight, 1)
+        return self.free_blocks + preemptable - ahead
 
     def matched_blocks(self, hashes: Sequence[BlockHash]) -> int:
         count = 0
@@ -247,27 +285,28 @@ class Router:
         return states
 
     def pick_prompt_worker(
-        self, hashes: Sequence[BlockHash], exclude: set[Worker] | None = None
+        self, hashes: Sequence[BlockHash], exclude: set[Worker] | None = None, priority: int = 0
     ) -> tuple[Worker, int]:
         """The prefill (or colocated) worker for a prompt with these block hashes, and how many
         of its leading blocks that worker is believed to hold."""
         pool = self.colocated or self.prefill
         candidates = self._healthy(pool, exclude)
-        least = min(w.outstanding_tokens for w in candidates)
-        eligible = [
-            w for w in candidates if w.outstanding_tokens <= least + self.max_imbalance_tokens
-        ]
-        best = max(
-            eligible,
-            key=lambda w: (w.matched_blocks(hashes), -w.outstanding_tokens, -w.routed_tokens),
-        )
+        ahead = {w: w.ahead(priority)[1] for w in candidates}
+        least = min(ahead.values())
+        eligible = [w for w in candidates if ahead[w] <= least + self.max_imbalance_tokens]
+        best = max(eligible, key=lambda w: (w.matched_blocks(hashes), -ahead[w], -w.routed_tokens))
         return best, best.matched_blocks(hashes)
 
-    def pick_decode(self) -> Worker:
-        # Requests sent since the last report have taken blocks the report still counts free.
+    def pick_decode(self, priority: int = 0) -> Worker:
         return max(
-            self._healthy(self.decode), key=lambda w: (w.free_blocks - w.in_flight, -w.in_flight)
+            self._healthy(self.decode),
+            key=lambda w: (w.decode_room(priority), -w.ahead(priority)[0]),
         )
+
+    def serves_by_priority(self) -> bool:
+        """Whether a worker in rotation runs the priority policy (else priorities would be
+        ignored, and the gateway refuses them)."""
+        return any(w.routable and w.serves_by_priority for w in self.workers)
 
     def mark_failed(self, worker: Worker) -> None:
         worker.healthy = False

@@ -148,6 +148,11 @@ class GatewayCore:
             validate, message, self.tokenizer, self.model.vocab_size, self.max_model_len
         )
         public_id = request.request_id
+        if request.priority and not self.router.serves_by_priority():
+            raise InvalidRequestError(
+                f"priority {request.priority} needs workers started with --scheduling-policy "
+                "priority; this mesh's serve in their own order (send priority 0 or omit it)"
+            )
         request = dataclasses.replace(request, request_id=namespaced(owner, public_id))
         if request.request_id in self.running:  # only its owner can learn this
             raise InvalidRequestError(f"request id {public_id!r} is already running")
@@ -186,8 +191,9 @@ class GatewayCore:
                 yield piece
             return
         request = state.request
-        decode = self.router.pick_decode()
-        decode.in_flight += 1
+        priority = request.priority
+        decode = self.router.pick_decode(priority)
+        decode.hold(priority, 1)
         feed = None
         if self.pipeline_handoff:  # the worker pulls blocks while the prefill computes them
             opening = self._start_message(request)
@@ -212,13 +218,13 @@ class GatewayCore:
                 yield piece
         finally:
             decode.session.end(request.request_id)
-            decode.in_flight -= 1
+            decode.hold(priority, -1)
 
     async def _route_prompt(self, state: Running, exclude: set[Worker]) -> tuple[Worker, int]:
         """A prefill (or colocated) worker and the prompt tokens it will have to compute."""
         prompt = state.request.prompt_token_ids
         hashes = hash_full_blocks(prompt, self.block_size, self.namespace)
-        worker, matched = self.router.pick_prompt_worker(hashes, exclude)
+        worker, matched = self.router.pick_prompt_worker(hashes, exclude, state.request.priority)
         stored = await asyncio.to_thread(self.store.match_prefix, hashes)
         uncached = len(prompt) - max(matched, stored) * self.block_size
         worker.remember(hashes)
@@ -240,8 +246,8 @@ class GatewayCore:
         tried: set[Worker] = set()
         while True:
             worker, uncached = await self._route_prompt(state, tried)
-            worker.outstanding_tokens += uncached
-            worker.in_flight += 1
+            priority = state.request.priority
+            worker.hold(priority, 1, uncached)
             feed = state.read(worker.session.start(self._start_message(state.request)))
             try:
                 return await feed.next()  # a prefill reports once, at its end
@@ -253,25 +259,23 @@ class GatewayCore:
                 # Aborted, cancelled (client gone, deadline): the worker drops it too.
                 worker.session.end(state.request.request_id)
                 state.feeds.remove(feed)
-                worker.outstanding_tokens -= uncached
-                worker.in_flight -= 1
+                worker.hold(priority, -1, -uncached)
 
     async def _colocated(self, state: Running) -> AsyncIterator[gen_pb.GenerateResponse]:
         worker, uncached = await self._route_prompt(state, set())
-        worker.outstanding_tokens += uncached
-        worker.in_flight += 1
+        priority = state.request.priority
+        worker.hold(priority, 1, uncached)
         feed = state.read(worker.session.start(self._start_message(state.request)))
         try:
             first = True
             async for piece in self._follow(state, feed):
                 if first:  # prompt work is done once the first token is out
-                    worker.outstanding_tokens -= uncached
+                    worker.hold(priority, 0, -uncached)
                     uncached, first = 0, False
                 yield piece
         finally:
             worker.session.end(state.request.request_id)
-            worker.outstanding_tokens -= uncached
-            worker.in_flight -= 1
+            worker.hold(priority, -1, -uncached)
 
     async def _follow(
         self, state: Running, feed: RequestFeed
@@ -335,9 +339,11 @@ class GatewayCore:
     def abort(self, request_id: str, owner: str = "") -> bool:
         """Ends ``owner``'s request ``request_id`` (or the gateway-made id ``request_id``);
         another caller's request is unknown here."""
-        state = self.running.get(namespaced(owner, request_id)) or self.running.get(request_id)
-        if state is None:
-            return False
+        state = self.running.get(namespaced(owner, request_id))
+        if state is None:  # a gateway-made id, never the internal form of another's id
+            state = self.running.get(request_id)
+            if state is None or state.public_id != request_id:
+                return False
         state.aborted = True
         for feed in state.feeds:
             feed.interrupt()

@@ -172,7 +172,11 @@ class WorkerBase:
         if not self.core.healthy:  # the router takes this worker out of rotation
             raise WorkerLostError("this worker is out of service")
         load = dataclasses.asdict(self.core.load())
-        return worker_pb.LoadReport(**load, namespace=self.namespace)
+        info = self.core.info
+        assert info is not None
+        return worker_pb.LoadReport(
+            **load, namespace=info.namespace, scheduling_policy=info.scheduling_policy
+        )
 
     async def Info(
         self, request: worker_pb.WorkerInfoRequest, context: grpc.aio.ServicerContext
@@ -188,6 +192,7 @@ class WorkerBase:
             max_model_len=info.max_model_len,
             vocab_size=info.vocab_size,
             device=info.device,
+            scheduling_policy=info.scheduling_policy,
         )
 
     @property

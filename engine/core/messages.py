@@ -119,6 +119,8 @@ class EngineInfo:
     #: Where the model was loaded from (a directory or a .gguf file), and its dtype.
     model_path: str = ""
     dtype: str = ""
+    #: The scheduler's policy (fcfs, priority, mlfq).
+    scheduling_policy: str = "fcfs"
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):

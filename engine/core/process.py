@@ -303,6 +303,7 @@ def _build(spec: CoreSpec) -> tuple[Engine, EngineInfo, Any]:
         rank_pids=[] if engine.leader is None else [p.pid or 0 for p in engine.leader.followers],
         model_path=str(engine.source.path.absolute()),
         dtype=engine.config.dtype,
+        scheduling_policy=engine.config.scheduler.policy,
     )
     return engine, info, registry
 

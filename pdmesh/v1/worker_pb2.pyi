@@ -132,7 +132,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "outstanding_prefill_tokens", "num_free_blocks", "num_total_blocks", "num_used_blocks", "num_retained_blocks", "num_prefetched_blocks", "num_loaded_blocks", "namespace")
+    __slots__ = ("num_running", "num_waiting", "outstanding_prefill_tokens", "num_free_blocks", "num_total_blocks", "num_used_blocks", "num_retained_blocks", "num_prefetched_blocks", "num_loaded_blocks", "namespace", "scheduling_policy")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     OUTSTANDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class LoadReport(_message.Message):
     NUM_PREFETCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_LOADED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_POLICY_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     outstanding_prefill_tokens: int
@@ -153,14 +154,15 @@ class LoadReport(_message.Message):
     num_prefetched_blocks: int
     num_loaded_blocks: int
     namespace: str
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., outstanding_prefill_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_retained_blocks: _Optional[int] = ..., num_prefetched_blocks: _Optional[int] = ..., num_loaded_blocks: _Optional[int] = ..., namespace: _Optional[str] = ...) -> None: ...
+    scheduling_policy: str
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., outstanding_prefill_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_retained_blocks: _Optional[int] = ..., num_prefetched_blocks: _Optional[int] = ..., num_loaded_blocks: _Optional[int] = ..., namespace: _Optional[str] = ..., scheduling_policy: _Optional[str] = ...) -> None: ...
 
 class WorkerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("namespace", "model_name", "model_path", "dtype", "block_size", "max_model_len", "vocab_size", "device")
+    __slots__ = ("namespace", "model_name", "model_path", "dtype", "block_size", "max_model_len", "vocab_size", "device", "scheduling_policy")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +171,7 @@ class WorkerInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_POLICY_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     model_name: str
     model_path: str
@@ -177,4 +180,5 @@ class WorkerInfo(_message.Message):
     max_model_len: int
     vocab_size: int
     device: str
-    def __init__(self, namespace: _Optional[str] = ..., model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    scheduling_policy: str
+    def __init__(self, namespace: _Optional[str] = ..., model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., scheduling_policy: _Optional[str] = ...) -> None: ...

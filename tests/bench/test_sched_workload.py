@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from bench.sched_cpu import LONG_TOKENS, SHORT_TOKENS, Run, Timing, make_jobs, summary
+from bench.sched import LONG_TOKENS, SHORT_TOKENS, Run, Timing, make_jobs, summary
 
 
 def test_jobs_are_reproducible_heavy_tailed_and_poisson() -> None:

@@ -21,6 +21,7 @@ from pdmesh.v1 import generation_pb2 as gen_pb
 from pdmesh.v1 import worker_pb2 as worker_pb
 from pdmesh.v1 import worker_pb2_grpc as worker_grpc
 from serving.auth import bearer_metadata
+from serving.request_ids import namespaced
 from serving.security import SecurityConfig
 from tests.mesh.harness import MeshThread
 from tests.mesh.test_grpcurl import EXIT_STATUS_BASE, find_grpcurl, json_stream
@@ -283,6 +284,10 @@ def test_one_key_cannot_abort_probe_or_squat_another_keys_request(mesh: MeshThre
     # hers nor says that hers is running.
     abort = gen_pb.AbortRequest(request_id="order-42")
     assert not mesh.stub.Abort(abort, metadata=bob, timeout=30).aborted
+    # Nor does the mesh-internal form of her id (a hash of her caller name, guessable for a
+    # known mutual-TLS name or connection) reach her request.
+    internal = gen_pb.AbortRequest(request_id=namespaced(f"key:{KEYS[0]}", "order-42"))
+    assert not mesh.stub.Abort(internal, metadata=bob, timeout=30).aborted
     bobs = gen_pb.GenerateRequest(prompt="Hi", request_id="order-42", max_tokens=2)
     assert mesh.stub.GenerateUnary(bobs, metadata=bob, timeout=120).request_id == "order-42"
     assert mesh.stub.Abort(abort, metadata=alice, timeout=30).aborted  # hers to end

@@ -150,6 +150,8 @@ def test_repeated_long_prompt_reuses_cached_blocks(mesh: MeshThread) -> None:
         ({"prompt": "hi", "top_p": 2.0}, "top_p"),
         ({"prompt_token_ids": [10**6]}, "token ids must be in"),
         ({"prompt": "hi", "max_tokens": 10**6}, "maximum model length"),
+        # fcfs workers would ignore it: refused, as vLLM refuses it without priority scheduling
+        ({"prompt": "hi", "priority": 3}, "--scheduling-policy priority"),
     ],
 )
 def test_bad_requests_get_invalid_argument(

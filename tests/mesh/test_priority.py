@@ -36,6 +36,8 @@ def priority_mesh() -> Iterator[MeshThread]:
 
 def test_an_urgent_request_overtakes_a_long_one(priority_mesh: MeshThread) -> None:
     stub = priority_mesh.stub
+    # Each worker tells the gateway it serves by priority (the gateway routes by it).
+    assert {load.scheduling_policy for load in priority_mesh.loads()} == {"priority"}
     long = to_request("Count slowly.", max_tokens=LONG_TOKENS, ignore_eos=True, priority=5)
     received: list[int] = []
     started = threading.Event()

@@ -1,24 +1,31 @@
-"""Job completion time and TTFT under fcfs vs mlfq (and priority), engine alone on the CPU.
+"""Job completion time and TTFT under fcfs vs mlfq (and priority), the engine alone.
 
 A heavy-tailed output-length workload (mostly short chats, a fifth long generations; greedy
 with ``ignore_eos`` so lengths are fixed) arrives as a Poisson process at a rate near the
 engine's measured capacity. Every policy sees the same requests at the same offsets. The
 engine really runs every step; with ``--clock model`` (the default) time is the step cost
 fitted on this machine (a line in the step's tokens), so a shared, busy CPU times every
-policy alike; ``--clock wall`` takes the wall clock instead.
+policy alike; ``--clock wall`` takes the wall clock instead (a GPU of one's own).
 
-    python -m bench.sched_cpu [--requests 60] [--load 0.9] [--max-num-seqs 8]
-        [--policies fcfs,mlfq,mlfq+swap] [--clock model|wall] [--out bench/results/x.json]
+On the CPU it runs the default model; ``--device cuda --shape 8b`` runs Llama-3.1-8B's
+shape with dummy bf16 weights (one engine at a time, freed before the next).
+
+    python -m bench.sched [--requests 60] [--load 0.9] [--max-num-seqs 8]
+        [--policies fcfs,mlfq,mlfq+swap] [--clock model|wall] [--device cpu|cuda]
+        [--shape default|8b|135m] [--out bench/results/x.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,12 +87,32 @@ def make_jobs(count: int, rate_per_s: float, seed: int, vocab: int) -> list[Job]
     return jobs
 
 
-def engine(policy: str, max_num_seqs: int) -> LLM:
+def engine(policy: str, args: argparse.Namespace) -> LLM:
     """``policy`` is a scheduling policy, "+swap" after it swaps victims to host memory."""
     name, _, swap = policy.partition("+")
-    scheduler = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=512, policy=name)
+    scheduler = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=512, policy=name
+    )
     cache = CacheConfig(swap_space_gib=1.0 if swap == "swap" else 0.0)
-    return LLM(EngineConfig(device="cpu", dtype="float32", scheduler=scheduler, cache=cache))
+    if args.shape == "default":
+        config = EngineConfig(device=args.device, dtype="float32", scheduler=scheduler, cache=cache)
+        return LLM(config)
+    from bench.engine_gpu import shape_dir
+
+    model = shape_dir(args.shape, Path(tempfile.mkdtemp(prefix=f"sched-{args.shape}-")))
+    config = EngineConfig(
+        model=model, load_format="dummy", dtype="bfloat16", device=args.device,
+        max_model_len=1024, scheduler=scheduler, cache=cache,
+    )  # fmt: skip
+    return LLM(config)
+
+
+def free_device_memory() -> None:
+    """After the last reference to an engine is gone: its device memory, before the next
+    engine loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -235,26 +262,32 @@ def main() -> None:
     parser.add_argument("--policies", default="fcfs,mlfq")
     parser.add_argument("--clock", choices=["model", "wall"], default="model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", choices=["default", "8b", "135m"], default="default")
     parser.add_argument("--out")
     args = parser.parse_args()
     if os.environ.get(CPU_THREADS_ENV):  # as an engine core does: a share of a shared CPU
         torch.set_num_threads(int(os.environ[CPU_THREADS_ENV]))
     policies = args.policies.split(",")
-    llms = {policy: engine(policy, args.max_num_seqs) for policy in policies}
-    first = llms[policies[0]]
-    cost = calibrate(first, args.max_num_seqs)
+    llm: LLM | None = engine(policies[0], args)
+    assert llm is not None
+    cost = calibrate(llm, args.max_num_seqs)
     capacity = args.max_num_seqs / cost.seconds(args.max_num_seqs)  # decode tokens per s
     mean_output = statistics.fmean(output_lengths(10_000, random.Random(args.seed)))
     rate = args.load * capacity / mean_output
-    jobs = make_jobs(args.requests, rate, args.seed, first.engine.model_config.vocab_size)
+    vocab = llm.engine.model_config.vocab_size
+    jobs = make_jobs(args.requests, rate, args.seed, vocab)
     print(f"step {cost}; capacity {capacity:.1f} tok/s, mean output {mean_output:.1f}, "
           f"{rate:.3f} req/s")  # fmt: skip
     results = []
     for policy in policies:
+        llm = llm or engine(policy, args)
         run = Run(policy, jobs)
-        replay(llms[policy], run, Clock(cost if args.clock == "model" else None))
+        replay(llm, run, Clock(cost if args.clock == "model" else None))
         results.append(summary(run))
-        print(results[-1])
+        print(results[-1], flush=True)
+        llm = None  # one engine on the device at a time
+        free_device_memory()
     payload = {
         "environment": environment(),
         "workload": {
@@ -262,7 +295,8 @@ def main() -> None:
             "clock": args.clock, "step_base_s": cost.base_s, "step_per_token_s": cost.per_token_s,
             "capacity_tokens_per_s": round(capacity, 1), "max_num_seqs": args.max_num_seqs,
             "short_tokens": SHORT_TOKENS, "long_tokens": LONG_TOKENS, "long_share": LONG_SHARE,
-            "prompt_tokens": PROMPT_TOKENS, "seed": args.seed,
+            "prompt_tokens": PROMPT_TOKENS, "seed": args.seed, "device": args.device,
+            "shape": args.shape,
         },
         "results": results,
     }  # fmt: skip
